@@ -1,0 +1,3 @@
+from kdtrack.cli import main
+
+main(prog_name="kdtrack")

@@ -1,0 +1,217 @@
+"""Frozen config dataclasses with defaults in code; YAML files and `--set a.b=value` hold overrides only."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdtrack.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = field(default="digits", metadata={"choices": ("digits", "synthetic", "manifest")})
+    manifest: str = ""  # manifest JSON (source=manifest)
+    root: str = ""  # data root the manifest's `file` paths are relative to; default: the manifest's folder
+    index_splits: str = ""  # folder of <split>_indices.json re-splitting the source
+    seed: int = 0  # split and synthetic generation seed
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    num_samples: int = 2000  # synthetic: labelled samples
+    num_classes: int = 10  # synthetic
+    input_shape: tuple[int, ...] = (1, 8, 8)  # synthetic
+    unlabeled_samples: int = 0  # synthetic: extra samples in split `unlabeled`
+    batch_size: int = 64
+    eval_batch_size: int = 512
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet8"  # mlp | cnn | resnet8/14/20/32/44/56/110 | resnet8x4 | resnet32x4
+    hidden: tuple[int, ...] = (128,)  # mlp hidden widths
+    channels: int = 32  # cnn base width
+    dropout: float = 0.0  # mlp and cnn
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = field(default="sgd", metadata={"choices": ("sgd", "adamw")})
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    epochs: int = 30
+    schedule: str = field(default="cosine", metadata={"choices": ("cosine", "step", "none")})
+    step_size: int = 10  # schedule=step
+    gamma: float = 0.1  # schedule=step
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # auto: fp16 on CUDA, off on CPU
+    amp: str = field(default="auto", metadata={"choices": ("auto", "off", "fp16", "bf16")})
+    label_smoothing: float = 0.0
+    # auto: a progress bar only when attached to a terminal
+    progress: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})
+
+
+@dataclass(frozen=True)
+class Config:
+    experiment: str = "kdtrack"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load(path: str | Path | None = None, overrides: typing.Sequence[str] = (), cls: type = Config) -> Any:
+    """Defaults, then the YAML file at `path`, then `a.b=value` overrides, each checked against the types."""
+    tree: dict[str, Any] = {}
+    if path:
+        tree = _read_yaml(Path(path))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value", "write it as e.g. optim.lr=0.1")
+        _set_path(tree, key.strip().split("."), _parse_scalar(raw))
+    return _build(cls, tree, prefix="")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict (tuples as lists), for YAML and checkpoints."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def flatten(cfg: Any) -> dict[str, Any]:
+    """`{"optim.lr": 0.05, ...}`: stable dotted names, one per leaf."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(to_dict(cfg), "")
+    return flat
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false, so `amp: off` stays the string "off"."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found", "pass an existing YAML file, e.g. experiments/digits.yaml")
+    try:
+        tree = yaml.load(path.read_text(), Loader=_Loader) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML ({exc.__class__.__name__})", "fix its syntax") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping", "write it as `section:` blocks of key: value")
+    return tree
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError:
+        return raw
+
+
+def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            child = node[key] = {}
+        node = child
+    node[keys[-1]] = value
+
+
+def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(tree) - set(fields))
+    if unknown:
+        where = prefix.rstrip(".") or "the top level"
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}",
+            f"valid keys at {where}: {', '.join(fields)}",
+        )
+    values = {}
+    for name, value in tree.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name} is a section, not a value", f"set one of its keys, e.g. {prefix}{name}.<key>=...")
+            values[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, hint, f"{prefix}{name}")
+            choices = fields[name].metadata.get("choices")
+            if choices and values[name] not in choices:
+                raise ConfigError(f"{prefix}{name}={values[name]!r} is not allowed",
+                                  f"choose one of: {', '.join(choices)}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(hint)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(_coerce(v, item_type, key) for v in items)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)  # YAML 1.1 reads 1e30 (no dot) as a string
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(
+        f"{key} must be {hint.__name__}, got {type(value).__name__} {value!r}",
+        f"e.g. --set {key}={_example(hint)}",
+    )
+
+
+def _example(hint: type) -> str:
+    return {int: "3", float: "0.1", bool: "true", str: "name"}.get(hint, "...")
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _plain(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_plain(v) for v in node]
+    return node

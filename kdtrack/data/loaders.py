@@ -1,0 +1,103 @@
+"""DataLoaders over an IndexedDataset: whole batches gathered in one indexing op, epoch-reproducible shuffling."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
+
+from kdtrack.data.dataset import IndexedDataset
+from kdtrack.errors import DataError
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation of range(n) that depends only on (seed, epoch), so a resumed run replays any epoch exactly.
+
+    Call `set_epoch(epoch)` before iterating each epoch, as with DistributedSampler.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = int(n)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose permutation the next iteration yields."""
+        self.epoch = int(epoch)
+
+    def permutation(self) -> torch.Tensor:
+        """The row order of the current epoch as an int64 tensor."""
+        # SeedSequence mixes both numbers; seed + epoch (DistributedSampler) would make (0, 1) replay (1, 0)
+        state = np.random.SeedSequence([self.seed % 2**64, self.epoch % 2**64]).generate_state(1, np.uint64)[0]
+        gen = torch.Generator().manual_seed(int(state))
+        return torch.randperm(self.n, generator=gen)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.permutation().tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class _RowBatches(Dataset):
+    """Loader-side view of an IndexedDataset that fetches a whole batch with `IndexedDataset.batch`.
+
+    Gathering rows in one op is ~30x faster than collating single items; other attributes
+    (sample_ids, num_classes, ...) are forwarded, so `loader.dataset` reads like the dataset itself.
+    """
+
+    def __init__(self, dataset: IndexedDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, int]:
+        return self.dataset[i]
+
+    def __getitems__(self, rows: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        return self.dataset.batch(rows)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not yet set while unpickling in a worker; avoid recursing
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _keep_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return batch  # already collated by _RowBatches.__getitems__
+
+
+def make_loader(
+    ds: IndexedDataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    drop_last: bool = False,
+) -> DataLoader:
+    """Batches `(x[B, ...], y[B], row[B], domain[B])`; with shuffle, `loader.sampler` is an EpochShuffleSampler.
+
+    `loader.dataset` is a thin view forwarding to `ds` (its `.dataset` is `ds` itself).
+    """
+    if batch_size < 1:
+        raise DataError(f"batch_size is {batch_size}", "use a positive batch size, e.g. --set data.batch_size=64")
+    if num_workers < 0:
+        raise DataError(f"num_workers is {num_workers}", "use 0 (load in the main process) or a positive count")
+    sampler: Sampler[int] = EpochShuffleSampler(len(ds), seed) if shuffle else SequentialSampler(range(len(ds)))
+    return DataLoader(
+        _RowBatches(ds),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=_keep_batch,
+        pin_memory=torch.device(device).type == "cuda",
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        # its own generator, so iterating a loader never advances the global torch RNG
+        generator=torch.Generator().manual_seed(int(seed) % 2**63),
+    )

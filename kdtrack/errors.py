@@ -1,0 +1,43 @@
+"""One error hierarchy. The CLI prints `error: <what> — <how to fix>` and exits with `exit_code`."""
+from __future__ import annotations
+
+
+class KdtrackError(Exception):
+    """An expected failure: shown as one line, no traceback."""
+
+    exit_code = 1
+
+    def __init__(self, what: str, fix: str = "") -> None:
+        self.what = what
+        self.fix = fix
+        super().__init__(f"{what} — {fix}" if fix else what)
+
+
+class BadInput(KdtrackError):
+    """The user asked for something that cannot work (exit code 2)."""
+
+    exit_code = 2
+
+
+class ConfigError(BadInput):
+    """Unknown config key, wrong type, unreadable YAML."""
+
+
+class DataError(BadInput):
+    """A data source, manifest or split is unusable."""
+
+
+class ModelError(BadInput):
+    """Unknown model or a model that cannot take the input shape."""
+
+
+class CheckpointError(KdtrackError):
+    """A checkpoint is missing, corrupt or unsafe to load."""
+
+
+class TrainingError(KdtrackError):
+    """Training cannot go on (e.g. a non-finite loss)."""
+
+
+class TrackingError(KdtrackError):
+    """The tracking store is unreachable or a run is not what was asked for."""

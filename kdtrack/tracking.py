@@ -1,0 +1,177 @@
+"""The only module that imports mlflow: stage runs, tags, params, metrics, datasets and artifacts."""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from kdtrack import __version__, config
+from kdtrack.errors import TrackingError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TAG = "kdtrack."
+MLFLOW_DIGEST_CHARS = 32  # MLflow's dataset digest column holds 36 characters; the full digest is a tag
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` when set, else the embedded sqlite store in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def configure() -> MlflowClient:
+    mlflow.set_tracking_uri(tracking_uri())
+    return MlflowClient()
+
+
+@dataclass
+class StageRun:
+    """The active run of one stage, with the client that writes to it."""
+
+    run_id: str
+    client: MlflowClient
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """One batched request per call: all of an epoch's metrics at once."""
+        stamp = _now_ms()
+        batch = [Metric(key, float(value), stamp, step) for key, value in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dataset(self, *, name: str, digest: str, context: str, source: dict[str, str]) -> None:
+        """Show the dataset in the run's inputs, identified by kdtrack's digest."""
+        dataset = MetaDataset(
+            CodeDatasetSource({**source, f"{TAG}dataset_digest": digest}),
+            name=name,
+            digest=digest[:MLFLOW_DIGEST_CHARS],
+        )
+        mlflow.log_input(dataset, context=context)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, cfg: Any, *, run_name: str, description: str = "",
+              resume_run_id: str | None = None) -> Iterator[StageRun]:
+    """Start (or resume) a run of `stage`; it ends FINISHED, or FAILED/KILLED if the body raises."""
+    client = configure()
+    _check_reachable(client)
+    run_id = resume_run_id or os.environ.get("MLFLOW_RUN_ID")
+    if run_id is None:
+        _use_experiment(client, cfg.experiment)
+    try:
+        active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+    except MlflowException as exc:
+        raise TrackingError(f"cannot start a run on {tracking_uri()}: {_first_line(exc)}",
+                            "check the run id and MLFLOW_TRACKING_URI") from exc
+    run = StageRun(active.info.run_id, client)
+    try:
+        tags = {f"{TAG}stage": stage, f"{TAG}code_version": code_version(), f"{TAG}version": __version__}
+        if description:
+            tags["mlflow.note.content"] = description
+        run.set_tags(tags)
+        if not resume_run_id:
+            _log_config(run, cfg)
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def _use_experiment(client: MlflowClient, name: str) -> None:
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    mlflow.set_experiment(experiment_id=experiment_id)
+
+
+def _log_config(run: StageRun, cfg: Any) -> None:
+    params = [Param(k, _param_value(v)) for k, v in config.flatten(cfg).items()]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        run.client.log_batch(run.run_id, params=params[start:start + 100])
+    run.client.log_text(run.run_id, config.to_yaml(cfg), "config.yaml")
+
+
+def load_run_config(run_id: str, cls: type) -> Any:
+    """The resolved config a run logged as `config.yaml`."""
+    client = configure()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, "config.yaml", tmp)
+        except MlflowException as exc:
+            raise TrackingError(f"run {run_id} has no config.yaml artifact",
+                                "resume only runs started by kdtrack") from exc
+        return config.load(path, cls=cls)
+
+
+def download_artifact(run_id: str, artifact_path: str, dst: str | Path) -> Path:
+    """Local path of a run's artifact (downloaded, or the file itself when the store is local)."""
+    try:
+        return Path(configure().download_artifacts(run_id, artifact_path, str(dst)))
+    except MlflowException as exc:
+        raise TrackingError(f"run {run_id} has no artifact {artifact_path}",
+                            "check the run id with `mlflow ui` or `kdtrack lineage`") from exc
+
+
+def get_run(run_id: str) -> Any:
+    try:
+        return configure().get_run(run_id)
+    except MlflowException as exc:
+        raise TrackingError(f"run {run_id} not found in {tracking_uri()}",
+                            "check the run id and MLFLOW_TRACKING_URI") from exc
+
+
+def code_version() -> str:
+    """Git commit of the kdtrack source tree, with `-dirty` when tracked files changed; else `unknown`."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = _git(here, "rev-parse", "HEAD")
+        dirty = _git(here, "status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def _git(cwd: Path, *args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=10)
+    return out.stdout.strip()
+
+
+def _check_reachable(client: MlflowClient) -> None:
+    try:
+        client.search_experiments(max_results=1)
+    except MlflowException as exc:
+        raise TrackingError(f"tracking store {tracking_uri()} is not usable: {_first_line(exc)}",
+                            "start the server or fix MLFLOW_TRACKING_URI") from exc
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

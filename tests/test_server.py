@@ -1,0 +1,33 @@
+"""train-teacher unchanged against a real `mlflow server` over HTTP, started and stopped by this test."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from conftest import DIGITS, TINY_TEACHER, mlflow_server, subprocess_env
+from kdtrack import checkpoint
+
+
+def test_train_teacher_over_http(tmp_path: Path):
+    with mlflow_server(tmp_path) as url:
+        env = subprocess_env(MLFLOW_TRACKING_URI=url)
+        args = [arg for pair in (*TINY_TEACHER, "experiment=over-http") for arg in ("--set", pair)]
+        proc = subprocess.run([sys.executable, "-m", "kdtrack", "train-teacher", "--config", str(DIGITS), *args],
+                              env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_id = proc.stdout.strip().splitlines()[-1]
+        client = MlflowClient(tracking_uri=url)
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["kdtrack.stage"] == "teacher"
+        assert len(client.get_metric_history(run_id, "val/acc")) == 2
+        assert run.inputs.dataset_inputs[0].dataset.name == "digits"
+        best = client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path / "dl"))
+        assert checkpoint.weights_sha256(checkpoint.load(best)["state_dict"]) == run.data.tags[
+            "kdtrack.checkpoint_sha256"]
+    # The artifacts went through the server's proxy into its own artifact root, not into a local ./mlruns.
+    assert list((tmp_path / "artifacts").rglob("best.pt"))
+    assert not (tmp_path / "mlruns").exists()

@@ -1,0 +1,153 @@
+"""The train-teacher stage end to end against the session's sqlite store: CLI, mlflow run, failure, resume."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from conftest import DIGITS, REPO, TINY_TEACHER, subprocess_env
+from kdtrack import checkpoint, config, engine
+from kdtrack.cli import main
+from kdtrack.data import build_dataset, dataset_digest, make_loader
+from kdtrack.models import ModelSpec, build_model
+from kdtrack.stages import train_teacher
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _sets(*pairs: str) -> list[str]:
+    return [arg for pair in pairs for arg in ("--set", pair)]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(store: str) -> str:
+    code, out, err = _cli("train-teacher", "--config", str(DIGITS), *_sets(*TINY_TEACHER, "experiment=teachers"))
+    assert code == 0, err
+    return out.strip().splitlines()[-1]
+
+
+def test_cli_run_is_finished_with_tags_params_and_metrics(teacher_run: str):
+    run = MlflowClient().get_run(teacher_run)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "teacher-mlp-digits"
+    tags = run.data.tags
+    assert tags["kdtrack.stage"] == "teacher"
+    assert tags["kdtrack.code_version"] != ""
+    assert tags["mlflow.note.content"].startswith("Teacher mlp on digits")
+    assert len(tags["kdtrack.checkpoint_sha256"]) == 64
+    params = run.data.params
+    assert params["optim.epochs"] == "2" and params["model.name"] == "mlp" and params["model.hidden"] == "32"
+    history = MlflowClient().get_metric_history(teacher_run, "val/acc")
+    assert [m.step for m in history] == [0, 1]
+    for key in ("train/loss", "train/acc", "val/loss", "lr", "epoch_seconds", "data_seconds"):
+        assert len(MlflowClient().get_metric_history(teacher_run, key)) == 2, key
+    assert run.data.metrics["test/acc"] > 0.8  # two epochs of an MLP on digits are well above chance (0.1)
+
+
+def test_resolved_config_is_an_artifact(teacher_run: str, tmp_path: Path):
+    path = MlflowClient().download_artifacts(teacher_run, "config.yaml", str(tmp_path))
+    cfg = config.load(path)
+    assert cfg == config.load(DIGITS, [*TINY_TEACHER, "experiment=teachers"])
+
+
+def test_dataset_input_carries_the_digest(teacher_run: str):
+    run = MlflowClient().get_run(teacher_run)
+    digest = dataset_digest(build_dataset(config.load(DIGITS).data))
+    assert run.data.tags["kdtrack.dataset_digest"] == digest
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "digits"
+    assert digest.startswith(dataset_input.dataset.digest)
+    assert digest in dataset_input.dataset.source
+    assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "train"
+
+
+def test_checkpoints_load_and_reproduce_the_logged_accuracy(teacher_run: str, tmp_path: Path):
+    client = MlflowClient()
+    names = sorted(f.path for f in client.list_artifacts(teacher_run, "checkpoints"))
+    assert names == ["checkpoints/best.pt", "checkpoints/last.pt"]
+    best = checkpoint.load(client.download_artifacts(teacher_run, "checkpoints/best.pt", str(tmp_path)))
+    run = client.get_run(teacher_run)
+    assert checkpoint.weights_sha256(best["state_dict"]) == run.data.tags["kdtrack.checkpoint_sha256"]
+    model = build_model(ModelSpec.from_dict(best["spec"]))
+    model.load_state_dict(best["state_dict"])
+    cfg = config.load(DIGITS)
+    from kdtrack.data import Normalisation
+
+    test = build_dataset(cfg.data).select(["test"]).with_normalisation(Normalisation.from_dict(best["normalisation"]))
+    result = engine.evaluate(model, make_loader(test, 256, shuffle=False, seed=0), device=torch.device("cpu"))
+    assert result["acc"] == pytest.approx(run.data.metrics["test/acc"], abs=1e-9)
+
+
+def test_a_failing_run_ends_failed_with_one_line(store: str):
+    # lr=1e30 blows the weights up after one step: the loss turns non-finite and training must stop.
+    code, _out, err = _cli("train-teacher", "--config", str(DIGITS),
+                           *_sets(*TINY_TEACHER, "optim.lr=1e30", "experiment=failing"))
+    assert code == 1
+    assert err.startswith("error: non-finite loss at epoch 0, step 1") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    exp = MlflowClient().get_experiment_by_name("failing")
+    (run,) = MlflowClient().search_runs([exp.experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_bad_input_exits_2_without_a_run(store: str):
+    code, _out, err = _cli("train-teacher", "--set", "optim.epocs=3", "--set", "experiment=never-created")
+    assert code == 2
+    assert err.strip() == ("error: unknown config key optim.epocs — valid keys at optim: name, lr, momentum, "
+                           "weight_decay, nesterov, epochs, schedule, step_size, gamma")
+    assert MlflowClient().get_experiment_by_name("never-created") is None
+
+
+def test_resume_continues_the_same_run_to_the_same_weights(store: str, monkeypatch: pytest.MonkeyPatch):
+    overrides = [*TINY_TEACHER, "optim.epochs=4", "model.dropout=0.2", "experiment=resume"]
+    straight = train_teacher.run(config.load(DIGITS, overrides))
+
+    original = train_teacher._Saver.on_epoch_end
+
+    def interrupt_after_epoch_1(self, epoch, metrics):
+        original(self, epoch, metrics)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_teacher._Saver, "on_epoch_end", interrupt_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher.run(config.load(DIGITS, overrides))
+    client = MlflowClient()
+    (interrupted,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id],
+                                        "attributes.status = 'KILLED'")
+    monkeypatch.setattr(train_teacher._Saver, "on_epoch_end", original)
+
+    code, out, err = _cli("train-teacher", "--resume", interrupted.info.run_id)
+    assert code == 0, err
+    assert out.strip() == interrupted.info.run_id
+    resumed = client.get_run(interrupted.info.run_id)
+    assert resumed.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(resumed.info.run_id, "train/loss")] == [0, 1, 2, 3]
+    tag = "kdtrack.checkpoint_sha256_last"
+    assert resumed.data.tags[tag] == client.get_run(straight).data.tags[tag]
+
+
+def test_mlflow_run_entry_point(store: str, tmp_path: Path):
+    env = subprocess_env()
+    overrides = " ".join([*TINY_TEACHER, "optim.epochs=1"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train_teacher", "--env-manager", "local",
+         "--experiment-name", "mlflow-run", "-P", "config=experiments/digits.yaml", "-P", f"overrides={overrides}"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("mlflow-run").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["kdtrack.stage"] == "teacher"
+    assert run.data.params["optim.epochs"] == "1"
+    assert sorted(f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")) == [
+        "checkpoints/best.pt", "checkpoints/last.pt"]
