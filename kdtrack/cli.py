@@ -70,3 +70,89 @@ def train_teacher(config_path: str | None, sets: tuple[str, ...], overrides: str
         cfg = load_config(config_path, sets, overrides)
     run_id = stage.run(cfg, resume_run_id=resume_run_id)
     click.echo(run_id)
+
+
+def _cache_overrides(dtype: str | None, checkpoint: str | None, splits: tuple[str, ...],
+                     allow: tuple[str, ...]) -> list[str]:
+    """Command-line cache options as config overrides, so the resolved config logs them."""
+    out = [f"cache.dtype={dtype}"] if dtype else []
+    out += [f"cache.checkpoint={checkpoint}"] if checkpoint else []
+    out += [f"cache.splits=[{','.join(splits)}]"] if splits else []
+    out += [f"cache.allow_splits=[{','.join(allow)}]"] if allow else []
+    return out
+
+
+@main.command("cache-logits")
+@config_options
+@click.option("--teacher-run-id", "teacher_run_ids", multiple=True, required=True, metavar="RUN_ID",
+              help="Teacher run to cache; repeat for several teachers (one cache run each, under one parent).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None, help="Storage dtype (cache.dtype).")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default=None,
+              help="Which checkpoint of the teacher (cache.checkpoint, default best).")
+@click.option("--split", "splits", multiple=True, metavar="NAME",
+              help="Split to cache (repeatable; default: train and unlabeled).")
+@click.option("--allow-split", "allow", multiple=True, metavar="NAME",
+              help="Allow caching a held-out split such as val or test (repeatable).")
+@click.option("--force", is_flag=True, help="Rebuild even if a finished cache with the same key exists.")
+@click.option("--no-resume", is_flag=True, help="Start the store afresh instead of resuming an interrupted build.")
+@expected_errors
+def cache_logits(config_path: str | None, sets: tuple[str, ...], overrides: str, teacher_run_ids: tuple[str, ...],
+                 dtype: str | None, checkpoint: str | None, splits: tuple[str, ...], allow: tuple[str, ...],
+                 force: bool, no_resume: bool) -> None:
+    """Cache teacher logits into a Zarr store logged as the run artifact logits.zarr; prints the cache run ids."""
+    from kdtrack.stages import cache_logits as stage
+
+    cfg = config.load(config_path, [*overrides.split(), *sets, *_cache_overrides(dtype, checkpoint, splits, allow)])
+    ids = [t for raw in teacher_run_ids for t in raw.replace(",", " ").split()]
+    for run_id in stage.run_many(cfg, ids, force=force, resume=not no_resume):
+        click.echo(run_id)
+
+
+@main.command("verify-cache")
+@click.option("--run-id", "run_id", required=True, metavar="RUN_ID", help="The cache run to verify.")
+@click.option("--recompute", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Re-run the teacher on this many random rows and compare (fidelity).")
+@click.option("--repair", is_flag=True, help="Rebuild only the chunks found bad or not done.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for picking the recomputed rows.")
+@expected_errors
+def verify_cache(run_id: str, recompute: int, repair: bool, seed: int) -> None:
+    """Check a cache: coverage, chunk checksums, NaN/Inf, fidelity to the teacher. Exit 0 only when all pass."""
+    from kdtrack.errors import CacheError
+    from kdtrack.stages import verify as stage
+
+    verdict = stage.run(run_id, recompute=recompute, repair=repair, seed=seed)
+    for line in verdict.lines:
+        click.echo(line)
+    if not verdict.passed:
+        raise CacheError(f"cache run {run_id} failed verification", "rebuild the bad chunks with --repair")
+
+
+@main.command("recompute-logits")
+@config_options
+@click.option("--teacher-run-id", "expert_run_ids", multiple=True, required=True, metavar="RUN_ID",
+              help="Expert (teacher) run; repeatable.")
+@click.option("--splits", "first_split", required=True, metavar="SPLIT [SPLIT ...]",
+              help="Splits to compute: names in the data, or <name>_indices.json files.")
+@click.argument("more_splits", nargs=-1, metavar="")
+@click.option("--export-npz", type=click.Path(file_okay=False), default=None,
+              help="Write <DIR>/<expert>/<split>_logits.npz with logits, targets, predictions.")
+@click.option("--min-accuracy", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Fail a split whose accuracy is below this.")
+@expected_errors
+def recompute_logits(config_path: str | None, sets: tuple[str, ...], overrides: str, expert_run_ids: tuple[str, ...],
+                     first_split: str, more_splits: tuple[str, ...], export_npz: str | None,
+                     min_accuracy: float) -> None:
+    """Logits of saved experts on new splits, one verified cache per (expert, split), without retraining."""
+    from kdtrack.errors import CacheError
+    from kdtrack.stages import recompute_logits as stage
+
+    cfg = load_config(config_path, sets, overrides)
+    splits = [s for raw in (first_split, *more_splits) for s in raw.split()]
+    checks = stage.run(cfg, list(expert_run_ids), splits, export_npz=export_npz, min_accuracy=min_accuracy)
+    click.echo(f"{'expert':34} {'split':10} {'rows':>7} {'accuracy':>9}  cache run / problems")
+    for c in checks:
+        status = c.cache_run_id if c.passed else "FAIL: " + "; ".join(c.problems)
+        click.echo(f"{c.expert_run_id:34} {c.split:10} {c.rows:7d} {c.accuracy:9.4f}  {status}")
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        raise CacheError(f"{len(failed)} of {len(checks)} expert/split checks failed", "see the table above")

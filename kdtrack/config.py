@@ -64,6 +64,18 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    dtype: str = field(default="float32", metadata={"choices": ("float32", "float16")})
+    checkpoint: str = field(default="best", metadata={"choices": ("best", "last")})
+    splits: tuple[str, ...] = ("train", "unlabeled")  # rows to cache; absent train/unlabeled splits are skipped
+    split_files: tuple[str, ...] = ()  # <name>_indices.json files whose rows are cached as split <name>
+    allow_splits: tuple[str, ...] = ()  # held-out splits (val, test, ...) that may be cached anyway
+    batch_size: int = 1024
+    chunk_rows: int = 0  # 0: about 4 MiB of logits per chunk
+    verify_rows: int = 64  # teacher re-run on this many random rows before the cache is marked complete
+
+
+@dataclass(frozen=True)
 class Config:
     experiment: str = "kdtrack"
     seed: int = 0
@@ -72,6 +84,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 def load(path: str | Path | None = None, overrides: typing.Sequence[str] = (), cls: type = Config) -> Any:

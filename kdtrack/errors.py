@@ -41,3 +41,19 @@ class TrainingError(KdtrackError):
 
 class TrackingError(KdtrackError):
     """The tracking store is unreachable or a run is not what was asked for."""
+
+
+class TeacherError(BadInput):
+    """A teacher run id does not lead to a usable teacher (not found, wrong stage, checkpoint missing or mismatched)."""
+
+
+class LeakageError(DataError):
+    """A held-out split would be cached or distilled from without being allowed."""
+
+
+class CacheNotFound(BadInput):
+    """No finished, complete cache for this teacher checkpoint and dataset digest."""
+
+
+class CacheError(KdtrackError):
+    """A logit cache is corrupt, incomplete, stale or not a kdtrack cache."""

@@ -16,6 +16,8 @@ from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.tracking import MlflowClient
 
 from kdtrack import __version__, config
@@ -55,6 +57,9 @@ class StageRun:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_artifacts(self, folder: str | Path, artifact_path: str) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
     def log_dataset(self, *, name: str, digest: str, context: str, source: dict[str, str]) -> None:
         """Show the dataset in the run's inputs, identified by kdtrack's digest."""
         dataset = MetaDataset(
@@ -68,14 +73,16 @@ class StageRun:
 @contextlib.contextmanager
 def stage_run(stage: str, cfg: Any, *, run_name: str, description: str = "",
               resume_run_id: str | None = None) -> Iterator[StageRun]:
-    """Start (or resume) a run of `stage`; it ends FINISHED, or FAILED/KILLED if the body raises."""
+    """Start (or resume) a run of `stage`, nested under the active run if any; it ends FINISHED, or
+    FAILED/KILLED if the body raises."""
     client = configure()
     _check_reachable(client)
-    run_id = resume_run_id or os.environ.get("MLFLOW_RUN_ID")
-    if run_id is None:
+    nested = mlflow.active_run() is not None
+    run_id = resume_run_id or (None if nested else os.environ.get("MLFLOW_RUN_ID"))
+    if run_id is None and not nested:
         _use_experiment(client, cfg.experiment)
     try:
-        active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+        active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested)
     except MlflowException as exc:
         raise TrackingError(f"cannot start a run on {tracking_uri()}: {_first_line(exc)}",
                             "check the run id and MLFLOW_TRACKING_URI") from exc
@@ -95,6 +102,14 @@ def stage_run(stage: str, cfg: Any, *, run_name: str, description: str = "",
         mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
+
+
+def note_reuse(stage: str, reused_run_id: str) -> None:
+    """When launched by `mlflow run`, tag the launcher's run with the finished run that was reused instead."""
+    launcher = os.environ.get("MLFLOW_RUN_ID")
+    if launcher and launcher != reused_run_id and mlflow.active_run() is None:
+        StageRun(launcher, configure()).set_tags({f"{TAG}reused_run_id": reused_run_id,
+                                                  "mlflow.note.content": f"Reused finished {stage} run {reused_run_id}."})
 
 
 def _use_experiment(client: MlflowClient, name: str) -> None:
@@ -129,6 +144,47 @@ def download_artifact(run_id: str, artifact_path: str, dst: str | Path) -> Path:
     except MlflowException as exc:
         raise TrackingError(f"run {run_id} has no artifact {artifact_path}",
                             "check the run id with `mlflow ui` or `kdtrack lineage`") from exc
+
+
+def list_artifacts(run_id: str, path: str) -> list[str]:
+    """Paths of the artifacts directly under `path` of a run."""
+    return [f.path for f in configure().list_artifacts(run_id, path)]
+
+
+def local_artifact_dir(run_id: str) -> Path | None:
+    """The run's artifact folder when the artifact store is a local filesystem, else None."""
+    repo = get_artifact_repository(get_run(run_id).info.artifact_uri)
+    return Path(repo.artifact_dir) if isinstance(repo, LocalArtifactRepository) else None
+
+
+def artifact_path(run_id: str, path: str) -> Path:
+    """A local path of a run's artifact: in place for a local store, else downloaded once per run."""
+    local = local_artifact_dir(run_id)
+    if local is not None:
+        return local / path
+    target = download_dir() / run_id
+    done = target / f".{path.replace('/', '_')}.downloaded"
+    if not done.exists():
+        target.mkdir(parents=True, exist_ok=True)
+        download_artifact(run_id, path, target)
+        done.touch()  # an interrupted download is simply repeated
+    return target / path
+
+
+def download_dir() -> Path:
+    """Where artifacts of remote stores are downloaded and remote cache builds are staged."""
+    return Path(os.environ.get("KDTRACK_CACHE_DIR") or Path.home() / ".cache" / "kdtrack")
+
+
+def find_runs(tags: dict[str, str], statuses: tuple[str, ...] = ("FINISHED",)) -> list[Any]:
+    """Runs in any experiment whose tags equal `tags` and whose status is one of `statuses`, newest first."""
+    client = configure()
+    query = " AND ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = []
+    for start in range(0, len(experiments), 100):  # search_runs takes at most 100 experiments
+        runs += client.search_runs(experiments[start:start + 100], query, max_results=1000)
+    return sorted((r for r in runs if r.info.status in statuses), key=lambda r: -r.info.start_time)
 
 
 def get_run(run_id: str) -> Any:

@@ -85,3 +85,12 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: flo
         except OSError:
             time.sleep(0.3)
     raise RuntimeError(f"mlflow server not healthy after {timeout}s:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(store: str) -> str:
+    """Run id of a tiny FINISHED teacher (MLP on digits), shared by the cache and student tests."""
+    from kdtrack import config
+    from kdtrack.stages import train_teacher
+
+    return train_teacher.run(config.load(DIGITS, [*TINY_TEACHER, "experiment=fixtures"]))

@@ -9,7 +9,7 @@ import numpy as np
 from kdtrack.data.dataset import IndexedDataset
 from kdtrack.errors import DataError
 
-SUFFIX = "_indices.json"
+SUFFIX = "_indices.json"  # <split>_indices.json
 
 
 def apply_index_splits(ds: IndexedDataset, folder: str | Path) -> IndexedDataset:
@@ -29,14 +29,15 @@ def apply_index_splits(ds: IndexedDataset, folder: str | Path) -> IndexedDataset
         split = path.name[: -len(SUFFIX)]
         if not split:
             raise DataError(f"index-split file {path} has no split name", f"name it <split>{SUFFIX}, e.g. val{SUFFIX}")
-        rows = _read_rows(path, len(ds))
+        rows = read_index_file(path, len(ds))
         _claim(owner, rows, k, files, ds)
         names.append(split)
     keep = np.flatnonzero(owner >= 0)
     return ds.take(keep).with_splits(np.array(names)[owner[keep]])
 
 
-def _read_rows(path: Path, n: int) -> np.ndarray:
+def read_index_file(path: Path, n: int) -> np.ndarray:
+    """Row indices listed in one `<split>_indices.json` file, checked against a dataset of n rows."""
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -1,0 +1,322 @@
+"""Resumable, deterministic cache build: teacher forward chunk by chunk, writes overlapped on a background thread.
+
+Every chunk is computed as batches that start at the chunk's first row, so its numbers never depend on which
+other chunks ran in the same call; an interrupted build that is resumed ends bit-identical to a clean one.
+"""
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from torch import nn
+
+from kdtrack.cache.format import (chunk_bounds, create_store, default_chunk_rows, done_flags, is_store, num_chunks,
+                                  open_store, remove_store)
+from kdtrack.data import IndexedDataset
+from kdtrack.errors import BadInput, CacheError
+from kdtrack.progress import Progress
+
+_QUEUE_CHUNKS = 3  # chunks computed but not yet written; bounds host memory at a few times ~4 MiB
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class PriorRows:
+    """The dataset's first `rows` rows equal (ids, labels, content, order) those of the complete store at `path`."""
+
+    path: str | Path
+    rows: int
+
+
+@dataclass(frozen=True)
+class BuildStats:
+    """What one `build` call did; `rows_per_s` counts computed rows only."""
+
+    rows_computed: int
+    rows_copied: int
+    chunks_written: int
+    seconds: float
+    rows_per_s: float
+    batch_size_used: int
+
+
+def probe_output_shape(model: nn.Module, dataset: IndexedDataset, device: torch.device) -> tuple[int, ...]:
+    """Per-sample output shape from one forward of row 0: `(C,)` for class logits, e.g. `(T, ch)` for a signal."""
+    if len(dataset) == 0:
+        raise BadInput("cannot cache an empty dataset", "select splits that contain samples")
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = model(dataset.batch([0])[0].to(device))
+    except RuntimeError as exc:
+        if _is_oom(exc):
+            raise _oom_at_batch_one(device, str(exc)) from exc
+        raise
+    if not isinstance(out, torch.Tensor) or out.ndim < 2 or out.shape[0] != 1:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise BadInput(f"the teacher returned {got} for one sample, need a tensor (1, *output_shape)",
+                       "cache a model whose forward returns one tensor of logits or signal per sample")
+    return tuple(int(d) for d in out.shape[1:])
+
+
+def build(
+    path: str | Path,
+    model: nn.Module,
+    dataset: IndexedDataset,
+    *,
+    attrs: Mapping[str, Any],
+    device: torch.device,
+    batch_size: int = 1024,
+    amp_dtype: torch.dtype | None = None,
+    dtype: str = "float32",
+    chunk_rows: int | None = None,
+    resume: bool = True,
+    chunks: Iterable[int] | None = None,
+    force_chunks: bool = False,
+    prior: PriorRows | None = None,
+    progress: bool | None = None,
+) -> BuildStats:
+    """Cache `model`'s outputs for every row of `dataset` (row order) into the store at `path`; return stats.
+
+    Only chunks in `chunks` (default all) that are not done are computed; `force_chunks` recomputes done ones
+    (repair). Several writers share a store by owning disjoint `chunks` with resume=True, after one call with
+    `chunks=[]` has created it.
+    """
+    if batch_size < 1 or dtype not in _TORCH_DTYPES:
+        raise BadInput(f"need batch_size >= 1 and dtype in {list(_TORCH_DTYPES)}, got {batch_size} and {dtype!r}",
+                       "e.g. batch_size=1024, dtype='float16'")
+    start_time = time.perf_counter()
+    model.eval()
+    output_shape = probe_output_shape(model, dataset, device)
+    group = _prepare_store(Path(path), dataset, attrs, output_shape, dtype, chunk_rows, resume)
+    wanted = _owned_chunks(group, chunks)
+    done = done_flags(group)
+    todo = [c for c in wanted if force_chunks or not done[c]]
+    if not todo:
+        return BuildStats(0, 0, 0, time.perf_counter() - start_time, 0.0, batch_size)
+    if group.attrs.get("complete"):
+        group.update_attributes({"complete": False})  # contents change: completeness needs a new verification
+    source = _PriorSource(prior, group, dataset) if prior is not None else None
+    runner = _ChunkRunner(model, dataset, device, amp_dtype, _TORCH_DTYPES[dtype], output_shape, batch_size)
+    rewrite = dataset if force_chunks else None  # a repaired chunk may have lost its ids or labels too
+    total, copied = _fill_chunks(group, todo, runner, source, rewrite, f"cache {Path(path).name}", progress)
+    seconds = time.perf_counter() - start_time
+    computed = total - copied
+    return BuildStats(computed, copied, len(todo), seconds, computed / seconds if computed else 0.0, runner.batch_size)
+
+
+def _fill_chunks(group: zarr.Group, todo: list[int], runner: _ChunkRunner, source: _PriorSource | None,
+                 rewrite: IndexedDataset | None, desc: str, progress: bool | None) -> tuple[int, int]:
+    """Copy or compute each chunk of `todo` and hand it to the writer thread; return (rows, rows copied)."""
+    bounds = [chunk_bounds(group, None, c) for c in todo]
+    total, copied = sum(stop - start for start, stop in bounds), 0
+    with _ChunkWriter(group, rewrite) as writer, Progress(total, desc, unit="rows", enabled=progress) as bar:
+        for c, (start, stop) in zip(todo, bounds):
+            split = start if source is None else min(max(source.rows, start), stop)  # rows < split are copied
+            block = runner.empty(stop - start)  # (rows, *output_shape) in the storage dtype, pinned on CUDA
+            if split > start:
+                block[: split - start] = torch.from_numpy(source.read(start, split))
+                bar.update(split - start)
+            runner.compute(split, stop, block[split - start:], bar)
+            writer.put(c, start, block)
+            copied += split - start
+    return total, copied
+
+def _prepare_store(
+    path: Path, dataset: IndexedDataset, attrs: Mapping[str, Any], output_shape: tuple[int, ...], dtype: str,
+    chunk_rows: int | None, resume: bool,
+) -> zarr.Group:
+    """Open the store at `path` for resuming when its key matches `attrs`, else (re)create it empty."""
+    if "cache_key" not in attrs:
+        raise BadInput("build attrs lack cache_key", "compute it with kdtrack.cache.cache_key(...)")
+    _check_attrs_match_dataset(attrs, dataset)
+    if resume and is_store(path):
+        group = zarr.open_group(path, mode="r+")
+        if group.attrs.get("initialised") and group.attrs.get("cache_key") == attrs["cache_key"]:
+            group = open_store(path, "r+")
+            _check_resumable(group, path, (len(dataset), output_shape, dtype), chunk_rows)
+            return group
+    remove_store(path)  # a foreign path is refused there, never deleted
+    rows = chunk_rows if chunk_rows is not None else default_chunk_rows(output_shape, dtype)
+    return create_store(path, sample_ids=dataset.sample_ids, labels=dataset.labels, output_shape=output_shape,
+                        dtype=dtype, chunk_rows=rows, attrs=attrs)
+
+
+def _check_attrs_match_dataset(attrs: Mapping[str, Any], dataset: IndexedDataset) -> None:
+    norm = None if dataset.normalisation is None else dataset.normalisation.to_dict()
+    if "normalisation" in attrs and attrs["normalisation"] != norm:
+        raise BadInput(f"attrs normalisation {attrs['normalisation']} differs from the dataset's {norm}",
+                       "apply the teacher's normalisation with dataset.with_normalisation(...) and record that one")
+    outside = sorted(set(dataset.splits.tolist()) - set(attrs.get("splits", [])))
+    if "splits" in attrs and outside:
+        raise BadInput(f"the dataset holds splits {outside} that attrs splits {attrs['splits']} do not name",
+                       "select exactly the recorded splits with dataset.select(splits)")
+
+
+def _check_resumable(group: zarr.Group, path: Path, wanted: tuple[int, tuple[int, ...], str],
+                     chunk_rows: int | None) -> None:
+    stored = (int(group.attrs["num_rows"]), tuple(group.attrs["output_shape"]), group.attrs["dtype"])
+    if stored != wanted:
+        raise CacheError(f"the cache at {path} has the requested key but (rows, output shape, dtype) {stored}, "
+                         f"not {wanted}", "rebuild it with resume=False (kdtrack cache-logits --no-resume)")
+    if chunk_rows is not None and chunk_rows != group.attrs["chunk_rows"]:
+        raise BadInput(f"chunk_rows={chunk_rows} but the store being resumed at {path} has {group.attrs['chunk_rows']}",
+                       "leave chunk_rows unset to resume, or pass resume=False to rebuild")
+
+
+def _owned_chunks(group: zarr.Group, chunks: Iterable[int] | None) -> list[int]:
+    total = num_chunks(group)
+    if chunks is None:
+        return list(range(total))
+    owned = sorted({int(c) for c in chunks})
+    bad = [c for c in owned if not 0 <= c < total]
+    if bad:
+        raise BadInput(f"chunks {bad[:5]} are outside this store's 0..{total - 1}", "pass chunk indices of this store")
+    return owned
+
+
+class _PriorSource:
+    """Reads rows `[0, rows)` from a complete earlier store of the same teacher, checking ids as it goes."""
+
+    def __init__(self, prior: PriorRows, group: zarr.Group, dataset: IndexedDataset) -> None:
+        old = open_store(prior.path)
+        same = ("checkpoint_sha256", "normalisation", "dtype", "output_shape")
+        differ = [k for k in same if old.attrs.get(k) != group.attrs.get(k)]
+        if not old.attrs.get("complete") or differ:
+            raise BadInput(f"prior store {prior.path} is " + (f"different in {differ}" if differ else "not complete"),
+                           "pass as prior only a complete, verified cache of the same teacher checkpoint and dtype")
+        if not 0 <= prior.rows <= min(int(old.attrs["num_rows"]), len(dataset)):
+            raise BadInput(f"prior rows {prior.rows} exceed the prior store ({old.attrs['num_rows']}) or the dataset "
+                           f"({len(dataset)})", "count only the leading rows both share")
+        self.path, self.rows, self.old, self.ids = prior.path, prior.rows, old, dataset.sample_ids
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Logits of rows `[start, stop)` of the prior store, after checking their ids are this dataset's."""
+        old_ids = self.old["sample_ids"][start:stop].tolist()
+        if old_ids != self.ids[start:stop]:
+            raise BadInput(f"prior store {self.path} rows {start}..{stop - 1} hold other sample ids than the dataset",
+                           "pass prior only when the dataset starts with exactly the prior store's rows")
+        return np.asarray(self.old["logits"][start:stop])
+
+
+class _ChunkRunner:
+    """Teacher forward over row ranges in fixed batches, halving the batch on out-of-memory."""
+
+    def __init__(self, model: nn.Module, dataset: IndexedDataset, device: torch.device, amp: torch.dtype | None,
+                 store_dtype: torch.dtype, output_shape: tuple[int, ...], batch_size: int) -> None:
+        self.model, self.dataset, self.device, self.amp = model, dataset, device, amp
+        self.store_dtype, self.output_shape, self.batch_size = store_dtype, output_shape, batch_size
+        self.cuda = device.type == "cuda"
+
+    def empty(self, rows: int) -> torch.Tensor:
+        """Host buffer (rows, *output_shape); pinned on CUDA so device-to-host copies do not block."""
+        return torch.empty((rows, *self.output_shape), dtype=self.store_dtype, pin_memory=self.cuda)
+
+    def compute(self, start: int, stop: int, out: torch.Tensor, bar: Progress) -> None:
+        """Fill `out` with the outputs of rows `[start, stop)`; retries the whole range with half the batch on OOM."""
+        if start >= stop:
+            return  # every row of the range was copied from a prior store
+        while True:
+            reported = [0]
+            try:
+                self._forward(start, stop, out, bar, reported)
+                return
+            except RuntimeError as exc:
+                if not _is_oom(exc):
+                    raise
+                message = str(exc)  # handled below the except block, so the traceback's tensors are freed first
+            bar.update(-reported[0])
+            if self.batch_size == 1:
+                raise _oom_at_batch_one(self.device, message)
+            self.batch_size //= 2
+            if self.cuda:
+                torch.cuda.empty_cache()
+            print(f"warning: out of memory on {self.device}; retrying rows {start}..{stop - 1} "
+                  f"with batch size {self.batch_size}", file=sys.stderr)
+
+    def _forward(self, start: int, stop: int, out: torch.Tensor, bar: Progress, reported: list[int]) -> None:
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            for lo in range(start, stop, self.batch_size):  # batches start at `start`: chunk-aligned, deterministic
+                hi = min(lo + self.batch_size, stop)
+                x = self.dataset.batch(torch.arange(lo, hi))[0]
+                if self.cuda:
+                    x = x.pin_memory()
+                y = self.model(x.to(self.device, non_blocking=self.cuda))  # (B, *output_shape)
+                out[lo - start:hi - start].copy_(y.to(self.store_dtype), non_blocking=self.cuda)
+                bar.update(hi - lo)
+                reported[0] += hi - lo
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # the non-blocking copies into `out` must land before it is written
+
+
+def _is_oom(exc: RuntimeError) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
+def _oom_at_batch_one(device: torch.device, message: str) -> CacheError:
+    first = message.splitlines()[0] if message else "out of memory"
+    return CacheError(f"out of memory on {device} even at batch size 1 ({first})",
+                      "free device memory, or build on a device with more memory")
+
+
+class _ChunkWriter:
+    """Background thread writing finished chunks (logits, then the done flag); its errors surface in `put`/exit.
+
+    With `dataset` given, each chunk's sample ids and labels are rewritten too (repair of a damaged chunk).
+    """
+
+    def __init__(self, group: zarr.Group, dataset: IndexedDataset | None = None) -> None:
+        self.group, self.dataset = group, dataset
+        self.logits, self.flags = group["logits"], group["chunk_done"]
+        self.queue: queue.Queue[tuple[int, int, torch.Tensor] | None] = queue.Queue(maxsize=_QUEUE_CHUNKS)
+        self.error: tuple[int, BaseException] | None = None
+        self.thread = threading.Thread(target=self._run, name="kdtrack-cache-writer", daemon=True)
+        self.thread.start()
+
+    def __enter__(self) -> _ChunkWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        # On an interrupt the chunks already queued are still written: they are complete and save work on resume.
+        self.queue.put(None)
+        self.thread.join()
+        if exc_type is None:
+            self._raise_if_failed()
+
+    def put(self, c: int, start: int, block: torch.Tensor) -> None:
+        """Queue chunk `c` (rows from `start`); blocks while the queue is full, raises a writer failure."""
+        self._raise_if_failed()
+        self.queue.put((c, start, block))
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # keep draining so the producer never blocks on a full queue
+            c, start, block = item
+            try:
+                stop = start + len(block)
+                self.logits[start:stop] = block.numpy()
+                if self.dataset is not None:
+                    self.group["sample_ids"][start:stop] = np.asarray(self.dataset.sample_ids[start:stop], dtype=str)
+                    self.group["labels"][start:stop] = self.dataset.labels[start:stop]
+                self.flags[c] = True  # only after the logits are on disk
+            except Exception as exc:  # any failure must reach the caller's thread, not die here unseen
+                self.error = (c, exc)
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            c, exc = self.error
+            raise CacheError(f"writing chunk {c} of the cache failed: {exc}",
+                             "check free disk space and write permission, then rerun; the build resumes") from exc
+

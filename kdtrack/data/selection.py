@@ -1,0 +1,62 @@
+"""Which rows a teacher may label: the student's training data by default, held-out splits only when allowed."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from kdtrack.data.dataset import IndexedDataset
+from kdtrack.data.index_splits import SUFFIX, read_index_file
+from kdtrack.errors import DataError, LeakageError
+
+DISTILL_SPLITS = ("train", "unlabeled")  # what a student trains on; every other split is held out
+
+
+def distillation_rows(full: IndexedDataset, splits: Sequence[str], allow: Sequence[str] = (),
+                      split_files: Sequence[str] = ()) -> IndexedDataset:
+    """Rows of `splits` (absent default splits skipped), then each `<name>_indices.json` file's rows as split
+    `<name>`; a held-out split that is not in `allow` is refused, naming a sample in it."""
+    present = full.split_counts()
+    named = [s for s in splits if s in present or s not in DISTILL_SPLITS]
+    missing = [s for s in named if s not in present]
+    if missing:
+        raise DataError(f"split {missing[0]!r} is not in this {full.source} dataset",
+                        f"choose from the splits present: {', '.join(sorted(present))}")
+    parts = [full.take(np.flatnonzero(np.isin(full.splits, named)))] if named else []
+    for path in map(Path, split_files):
+        if not path.name.endswith(SUFFIX):
+            raise DataError(f"split file {path} is not named <split>{SUFFIX}", f"rename it, e.g. tunev{SUFFIX}")
+        rows = read_index_file(path, len(full))
+        parts.append(full.take(np.sort(rows)).with_splits(np.full(len(rows), path.name[: -len(SUFFIX)])))
+    if not parts or sum(map(len, parts)) == 0:
+        raise DataError(f"no rows to cache: splits {list(splits)} are empty in this {full.source} dataset",
+                        f"choose from the splits present: {', '.join(sorted(present))}")
+    chosen = parts[0] if len(parts) == 1 else _concat(parts)
+    _guard(chosen, allow)
+    return chosen
+
+
+def _guard(ds: IndexedDataset, allow: Sequence[str]) -> None:
+    for split in dict.fromkeys(ds.splits.tolist()):
+        if split not in DISTILL_SPLITS and split not in allow:
+            sample = ds.sample_ids[int(np.flatnonzero(ds.splits == split)[0])]
+            raise LeakageError(
+                f"sample {sample} is in split {split!r}, which is held out from distillation",
+                f"cache only {' and '.join(DISTILL_SPLITS)} rows, or allow it explicitly with --allow-split {split}",
+            )
+
+
+def _concat(parts: list[IndexedDataset]) -> IndexedDataset:
+    first = parts[0]
+    return IndexedDataset(
+        features=np.concatenate([p.features for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        sample_ids=[i for p in parts for i in p.sample_ids],
+        splits=np.concatenate([p.splits for p in parts]),
+        domains=np.concatenate([p.domains for p in parts]),
+        num_classes=first.num_classes,
+        source=first.source,
+        attributes={k: np.concatenate([p.attributes[k] for p in parts]) for k in first.attributes},
+        normalisation=first.normalisation,
+    )

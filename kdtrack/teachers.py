@@ -1,0 +1,90 @@
+"""Resolve a teacher run id to a ready model: its checkpoint, rebuilt from the spec it carries."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kdtrack import checkpoint, tracking
+from kdtrack.data import Normalisation
+from kdtrack.errors import CheckpointError, TeacherError, TrackingError
+from kdtrack.models import ModelSpec, build_model
+
+TEACHER_STAGES = ("teacher",)  # stages whose runs hold checkpoints/<name>.pt a cache can be built from
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher: the eval-mode model on its device and what identifies it."""
+
+    run_id: str
+    run_name: str
+    checkpoint_name: str  # "best" | "last"
+    model: torch.nn.Module
+    spec: ModelSpec
+    normalisation: Normalisation
+    checkpoint_sha256: str
+    payload: dict[str, Any]
+
+
+def load_teacher(run_id: str, device: torch.device, which: str = "best") -> Teacher:
+    """The teacher of run `run_id` from its `checkpoints/<which>.pt`, model rebuilt from the checkpoint's spec."""
+    run = _teacher_run(run_id)
+    artifact = f"checkpoints/{which}.pt"
+    available = tracking.list_artifacts(run_id, "checkpoints")
+    if artifact not in available:
+        have = ", ".join(p.rsplit("/", 1)[-1].removesuffix(".pt") for p in available) or "none"
+        raise TeacherError(f"teacher run {run_id} has no checkpoint {which!r} (it has: {have})",
+                           "pick one with --checkpoint, or finish training the teacher")
+    path = tracking.artifact_path(run_id, artifact)
+    payload = checkpoint.load(path, map_location="cpu")
+    spec = ModelSpec.from_dict(payload["spec"])
+    model = build_model(spec)
+    _load_weights(model, payload["state_dict"], run_id, which)
+    model.to(device).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return Teacher(run_id=run_id, run_name=run.info.run_name, checkpoint_name=which, model=model, spec=spec,
+                   normalisation=Normalisation.from_dict(payload["normalisation"]),
+                   checkpoint_sha256=payload["weights_sha256"], payload=payload)
+
+
+def _teacher_run(run_id: str) -> Any:
+    try:
+        run = tracking.get_run(run_id)
+    except TrackingError as exc:
+        raise TeacherError(f"teacher run {run_id} not found in {tracking.tracking_uri()}",
+                           "check the id (mlflow ui lists runs) and MLFLOW_TRACKING_URI") from exc
+    stage = run.data.tags.get(f"{tracking.TAG}stage")
+    if stage not in TEACHER_STAGES:
+        what = f"a {stage} run" if stage else "not a kdtrack run"
+        raise TeacherError(f"run {run_id} ({run.info.run_name}) is {what}, not a teacher",
+                           "pass the run id printed by `kdtrack train-teacher`")
+    return run
+
+
+def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], run_id: str, which: str) -> None:
+    """Strict load, with a summary of what does not fit instead of torch's wall of text."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    where = f"checkpoint {which!r} of run {run_id}"
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where} does not match its architecture: {len(missing)} missing keys ({_few(missing)}), "
+            f"{len(unexpected)} unexpected keys ({_few(unexpected)})",
+            "the checkpoint's spec and weights disagree; retrain or re-save the teacher",
+        )
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise CheckpointError(
+                f"{where}: layer {key} has shape {tuple(value.shape)} in the checkpoint but "
+                f"{tuple(own[key].shape)} in the model built from its spec",
+                "the checkpoint's spec and weights disagree; retrain or re-save the teacher",
+            )
+    model.load_state_dict(state)
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") if keys else "none"

@@ -1,0 +1,265 @@
+"""Logit KD and multi-teacher fusion against hand-computed values and independent plain-Python formulas."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from kdtrack.errors import BadInput, ConfigError
+from kdtrack.losses import (KDLossConfig, LogitKD, compute_confidence_weights, compute_kd_weight,
+                            compute_student_loss, fuse_teachers, kd_loss)
+
+LN2, LN3 = math.log(2.0), math.log(3.0)
+# Row 0: teacher p = (3/5, 1/5, 1/5), student uniform. Row 1: teacher uniform, student p = (1/2, 1/4, 1/4).
+STUDENT = [[0.0, 0.0, 0.0], [LN2, 0.0, 0.0]]
+TEACHER = [[LN3, 0.0, 0.0], [0.0, 0.0, 0.0]]
+KL_ROWS = [0.6 * math.log(1.8) + 0.4 * math.log(0.6), math.log(32 / 27) / 3]
+SOFT_CE_ROWS = [LN3, 5 * LN2 / 3]
+
+
+def softmax_py(row: list[float], t: float = 1.0) -> list[float]:
+    top = max(row)
+    e = [math.exp((v - top) / t) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def kl_py(s: list[float], t: list[float], temp: float) -> float:
+    """T² · KL(p_t || p_s) by plain Python."""
+    ps, pt = softmax_py(s, temp), softmax_py(t, temp)
+    return temp**2 * sum(a * math.log(a / b) for a, b in zip(pt, ps) if a > 0)
+
+
+def ce_py(row: list[float], label: int) -> float:
+    return math.log(sum(math.exp(v) for v in row)) - row[label]
+
+
+@pytest.mark.parametrize("loss_type", ["kldiv", "soft_ce"])
+@pytest.mark.parametrize("reduction", ["none", "batchmean", "sum", "mean"])
+def test_kd_loss_hand_values(loss_type: str, reduction: str) -> None:
+    rows = KL_ROWS if loss_type == "kldiv" else SOFT_CE_ROWS
+    want = {"none": rows, "batchmean": sum(rows) / 2, "sum": sum(rows), "mean": sum(rows) / 6}[reduction]
+    s, t = torch.tensor(STUDENT, dtype=torch.float64), torch.tensor(TEACHER, dtype=torch.float64)
+    got = kd_loss(s, t, 1.0, loss_type, reduction)
+    assert got.tolist() == pytest.approx(want, rel=1e-12)
+    got32 = kd_loss(s.float(), t.float(), 1.0, loss_type, reduction)
+    assert got32.dtype == torch.float32 and got32.tolist() == pytest.approx(want, rel=1e-5)
+
+
+def test_kd_loss_is_zero_for_identical_logits() -> None:
+    logits = torch.randn(5, 7, generator=torch.Generator().manual_seed(0)) * 3
+    assert kd_loss(logits, logits.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    assert kd_loss(logits, logits.clone(), reduction="none").abs().max().item() < 1e-5
+
+
+def test_kd_loss_scales_softened_kl_by_t_squared() -> None:
+    gen = torch.Generator().manual_seed(1)
+    s, t = torch.randn(4, 6, generator=gen) * 2, torch.randn(4, 6, generator=gen) * 2
+    want = sum(kl_py(a, b, 4.0) for a, b in zip(s.tolist(), t.tolist())) / 4
+    assert kd_loss(s, t, temperature=4.0).item() == pytest.approx(want, rel=1e-5)
+    # Same softened distributions, but without T² the value would be 16 times smaller.
+    assert want / 16 < 0.5 * kd_loss(s, t, temperature=4.0).item()
+
+
+def test_teacher_gets_no_gradient() -> None:
+    s = torch.randn(3, 4, requires_grad=True)
+    t = torch.randn(3, 4, requires_grad=True)
+    kd_loss(s, t).backward()
+    assert t.grad is None and s.grad is not None
+
+
+def test_kd_loss_finite_and_correct_at_huge_logits() -> None:
+    s = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 5e3]])
+    t = torch.tensor([[-1e4, 1e4, 0.0], [1e4, 9999.0, -1e4]])
+    got = kd_loss(s, t, temperature=4.0, reduction="none")
+    assert torch.isfinite(got).all()
+    # Row 0 by hand: p_t is one-hot on class 1, log p_s[1] = -2500 - 2500 = -5000, times T² = 16.
+    assert got[0].item() == pytest.approx(80000.0, rel=1e-6)
+    s64, t64 = s.double() / 4, t.double() / 4
+    log_ps = s64 - torch.logsumexp(s64, dim=1, keepdim=True)
+    log_pt = t64 - torch.logsumexp(t64, dim=1, keepdim=True)
+    ref = 16 * (log_pt.exp() * (log_pt - log_ps)).sum(dim=1)
+    assert got.double().tolist() == pytest.approx(ref.tolist(), rel=1e-5)
+
+
+def test_teacher_zero_probability_classes_add_nothing() -> None:
+    s = torch.tensor([[1.0, 2.0, 3.0]])
+    t = torch.tensor([[0.0, 0.0, -math.inf]])  # the teacher rules class 2 out
+    ps = softmax_py([1.0, 2.0, 3.0])
+    want = 0.5 * math.log(0.5 / ps[0]) + 0.5 * math.log(0.5 / ps[1])
+    got = kd_loss(s.requires_grad_(), t, temperature=1.0)
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    got.backward()
+    assert torch.isfinite(s.grad).all()
+
+
+def test_kd_gradient_matches_closed_form() -> None:
+    gen = torch.Generator().manual_seed(2)
+    s = (torch.randn(5, 4, generator=gen, dtype=torch.float64) * 2).requires_grad_()
+    t = torch.randn(5, 4, generator=gen, dtype=torch.float64) * 2
+    temp = 3.0
+    kd_loss(s, t, temperature=temp).backward()
+    want = temp * (torch.softmax(s.detach() / temp, 1) - torch.softmax(t / temp, 1)) / 5
+    assert torch.allclose(s.grad, want, atol=1e-12)
+
+
+def test_kd_loss_refuses_bad_arguments() -> None:
+    s = torch.zeros(2, 3)
+    with pytest.raises(ConfigError, match="kldiv, soft_ce"):
+        kd_loss(s, s, loss_type="kl")
+    with pytest.raises(ConfigError, match="batchmean"):
+        kd_loss(s, s, reduction="avg")
+    with pytest.raises(ConfigError, match="temperature"):
+        kd_loss(s, s, temperature=0.0)
+    with pytest.raises(BadInput, match="same"):
+        kd_loss(s, torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("epoch, want", [(0, 0.0), (4, 0.0), (5, 0.0), (10, 0.35), (15, 0.7), (40, 0.7)])
+def test_kd_weight_schedule(epoch: int, want: float) -> None:
+    assert compute_kd_weight(epoch, 5, 10, 0.7) == pytest.approx(want)
+
+
+def test_kd_weight_without_ramp_jumps_at_warmup() -> None:
+    assert [compute_kd_weight(e, 3, 0, 0.5) for e in (2, 3, 4)] == [0.0, 0.5, 0.5]
+
+
+# Teacher confidences (max softmax prob): 3/5, 1/3 and 8/10.
+CONF_TEACHER = torch.tensor([[LN3, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, math.log(8.0), 0.0]])
+
+
+@pytest.mark.parametrize("weighting, threshold, weights, coverage", [
+    ("none", 0.0, [1.0, 1.0, 1.0], 1.0),
+    ("pmax", 0.0, [0.6, 1 / 3, 0.8], 1.0),
+    ("threshold", 0.5, [1.0, 0.0, 1.0], 2 / 3),
+    ("threshold", 0.9, [0.0, 0.0, 0.0], 0.0),
+])
+def test_confidence_weights(weighting: str, threshold: float, weights: list[float], coverage: float) -> None:
+    got, stats = compute_confidence_weights(CONF_TEACHER, weighting, threshold)
+    assert got.tolist() == pytest.approx(weights, rel=1e-6)
+    assert stats["coverage"] == pytest.approx(coverage)
+    assert stats["avg_confidence"] == pytest.approx((0.6 + 1 / 3 + 0.8) / 3, rel=1e-6)
+    assert stats["min_confidence"] == pytest.approx(1 / 3, rel=1e-6)
+    assert stats["max_confidence"] == pytest.approx(0.8, rel=1e-6)
+    assert all(type(v) is float for v in stats.values())
+
+
+def test_student_loss_is_weighted_sum_of_hand_ce_and_kd() -> None:
+    cfg = KDLossConfig(temperature=2.0, kd_alpha=0.7)
+    s = [[1.0, 0.5, -1.0], [0.0, 2.0, 0.3], [0.2, 0.1, 0.0]]
+    t = [[2.0, 0.0, 0.0], [0.0, 1.0, 1.0], [3.0, -1.0, 0.0]]
+    y = [0, 1, -1]
+    loss, stats = compute_student_loss(torch.tensor(s), torch.tensor(t), torch.tensor(y), cfg, current_epoch=0)
+    ce = (ce_py(s[0], 0) + ce_py(s[1], 1)) / 2  # the unlabelled row has no CE
+    kd = sum(kl_py(a, b, 2.0) for a, b in zip(s, t)) / 3  # ... but does get KD
+    assert stats["ce_loss"] == pytest.approx(ce, rel=1e-5)
+    assert stats["kd_loss"] == pytest.approx(kd, rel=1e-5)
+    assert loss.item() == pytest.approx(0.3 * ce + 0.7 * kd, rel=1e-5)
+    assert stats["total_loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert (stats["kd_weight"], stats["ce_weight"], stats["coverage"]) == pytest.approx((0.7, 0.3, 1.0))
+
+
+def test_unlabelled_rows_get_pure_kd_gradient() -> None:
+    cfg, temp = KDLossConfig(temperature=2.0, kd_alpha=0.6), 2.0
+    s = torch.tensor([[1.0, 0.5, -1.0], [0.0, 2.0, 0.3]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    loss, _ = compute_student_loss(s, t, torch.tensor([0, -1]), cfg, current_epoch=0)
+    loss.backward()
+    pure_kd = 0.6 * temp * (torch.softmax(s.detach() / temp, 1) - torch.softmax(t / temp, 1)) / 2
+    assert torch.allclose(s.grad[1], pure_kd[1], atol=1e-12)
+    assert not torch.allclose(s.grad[0], pure_kd[0], atol=1e-3)  # row 0 also gets CE
+
+
+def test_domain_mask_limits_kd_and_divides_by_batch() -> None:
+    cfg = KDLossConfig(temperature=1.0, kd_alpha=1.0)
+    s = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.0, 2.0]], requires_grad=True)
+    t = torch.tensor([[0.0, 0.0, 1.0], [3.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    mask = torch.tensor([True, False, True])
+    loss, stats = compute_student_loss(s, t, torch.full((3,), -1), cfg, 0, domain_mask=mask)
+    loss.backward()
+    assert s.grad[1].abs().max().item() == 0.0
+    assert s.grad[0].abs().max().item() > 0 and s.grad[2].abs().max().item() > 0
+    rows = s.detach().tolist(), t.tolist()
+    want = (kl_py(rows[0][0], rows[1][0], 1.0) + kl_py(rows[0][2], rows[1][2], 1.0)) / 3
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert stats["coverage"] == pytest.approx(2 / 3)
+
+
+def test_batch_without_labels_has_zero_ce_not_nan() -> None:
+    loss, stats = compute_student_loss(torch.randn(4, 3), torch.randn(4, 3), torch.full((4,), -1),
+                                       KDLossConfig(), current_epoch=0)
+    assert math.isfinite(loss.item()) and stats["ce_loss"] == 0.0
+
+
+def test_warmup_gives_plain_ce() -> None:
+    cfg = KDLossConfig(kd_alpha=0.9, warmup_epochs=2)
+    s = [[1.0, -1.0], [0.3, 0.4]]
+    loss, stats = compute_student_loss(torch.tensor(s), torch.randn(2, 2), torch.tensor([1, 0]), cfg, 1)
+    assert loss.item() == pytest.approx((ce_py(s[0], 1) + ce_py(s[1], 0)) / 2, rel=1e-6)
+    assert stats["kd_weight"] == 0.0 and stats["ce_weight"] == 1.0
+
+
+@pytest.mark.parametrize("kind, want", [("mse", 1.25), ("l1", 0.75)])
+def test_regression_distillation(kind: str, want: float) -> None:
+    s = torch.tensor([[[1.0, 2.0]], [[3.0, 5.0]]])  # (B, 1, 2) signals
+    t = torch.tensor([[[0.0, 2.0]], [[3.0, 3.0]]])
+    loss, stats = compute_student_loss(s, t, None, KDLossConfig(regression=kind, warmup_epochs=3), 0)
+    assert loss.item() == pytest.approx(want)
+    assert (stats["ce_weight"], stats["kd_weight"]) == (0.0, 1.0) and "avg_confidence" not in stats
+
+
+def test_config_is_validated() -> None:
+    for bad in ({"kd_alpha": 1.5}, {"warmup_epochs": -1}, {"kd_weighting": "entropy"}, {"regression": "huber"},
+                {"temperature": -1.0}, {"confidence_threshold": 2.0}):
+        with pytest.raises(ConfigError):
+            KDLossConfig(**bad)
+
+
+def test_logit_kd_wires_teacher_lookup_domain_and_stats() -> None:
+    torch.manual_seed(0)
+    model, table = nn.Linear(4, 3), torch.randn(10, 3) * 2
+    cfg = KDLossConfig(temperature=2.0, kd_alpha=0.5, kd_weighting="pmax")
+    loss_fn = LogitKD(lambda batch: table[batch[2]], cfg, domain_index=1)
+    batches = [(torch.randn(4, 4), torch.tensor([0, -1, 2, 1]), torch.tensor(rows), torch.tensor([1, 0, 1, 1]))
+               for rows in ([3, 1, 7, 0], [2, 9, 5, 4])]
+    expected = []
+    for batch in batches:
+        logits, terms = loss_fn(model, batch, epoch=0)
+        assert set(terms) == {"ce", "kd"}
+        want, stats = compute_student_loss(logits, table[batch[2]], batch[1], cfg, 0, batch[3] == 1)
+        assert (terms["ce"] + terms["kd"]).item() == pytest.approx(want.item(), rel=1e-6)
+        expected.append(stats)
+    means = loss_fn.pop_stats()
+    for key in ("coverage", "avg_confidence", "kd_weight", "total_loss"):
+        assert means[key] == pytest.approx(sum(s[key] for s in expected) / 2, rel=1e-6)
+    assert means["coverage"] == pytest.approx(0.75)
+    assert loss_fn.pop_stats() == {}
+
+
+def test_fuse_mean_and_weighted_in_logit_space() -> None:
+    a, b = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 2.0, -1.0]])
+    assert fuse_teachers([a, b]).tolist() == [[2.0, 2.0, 1.0]]
+    got = fuse_teachers(torch.stack([a, b]), "weighted", weights=[3.0, 1.0])
+    assert got[0].tolist() == pytest.approx([1.5, 2.0, 2.0])
+
+
+def test_fuse_most_confident_picks_per_sample_and_lowest_index_on_ties() -> None:
+    t1 = torch.tensor([[5.0, 0.0, 0.0], [0.0, 0.0, 0.0], [2.0, 0.0, 0.0]], dtype=torch.float64)
+    t2 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 2.0, 0.0]], dtype=torch.float64)
+    got = fuse_teachers([t1, t2], "most_confident")
+    assert got.tolist() == [t1[0].tolist(), t2[1].tolist(), t1[2].tolist()]
+
+
+def test_fuse_refuses_bad_weights_and_methods() -> None:
+    t = [torch.zeros(2, 3), torch.zeros(2, 3)]
+    with pytest.raises(BadInput, match="3 weights for 2 teachers"):
+        fuse_teachers(t, "weighted", weights=[1.0, 1.0, 1.0])
+    with pytest.raises(BadInput, match=">= 0"):
+        fuse_teachers(t, "weighted", weights=[1.0, -1.0])
+    with pytest.raises(BadInput, match="needs weights"):
+        fuse_teachers(t, "weighted")
+    with pytest.raises(ConfigError, match="most_confident"):
+        fuse_teachers(t, "max")
+    with pytest.raises(BadInput, match="shape"):
+        fuse_teachers([torch.zeros(2, 3), torch.zeros(2, 4)])
