@@ -156,3 +156,39 @@ def recompute_logits(config_path: str | None, sets: tuple[str, ...], overrides: 
     failed = [c for c in checks if not c.passed]
     if failed:
         raise CacheError(f"{len(failed)} of {len(checks)} expert/split checks failed", "see the table above")
+
+
+@main.command("train-student")
+@config_options
+@click.option("--teacher-run-id", "teacher_run_ids", multiple=True, metavar="RUN_ID",
+              help="Teacher run; repeat for several (fused by kd.fusion). Optional for --set method=none.")
+@click.option("--build-missing-cache", is_flag=True, help="Build a teacher's cache when none matches, instead of stopping.")
+@click.option("--resume", "resume_run_id", default=None, metavar="RUN_ID",
+              help="Continue an interrupted student run from its last.pt, with the run's own config and teachers.")
+@expected_errors
+def train_student(config_path: str | None, sets: tuple[str, ...], overrides: str, teacher_run_ids: tuple[str, ...],
+                  build_missing_cache: bool, resume_run_id: str | None) -> None:
+    """Train a student from cached teacher logits (or live teachers); prints the student run id."""
+    from kdtrack import tracking
+    from kdtrack.stages import train_student as stage
+
+    ids = [t for raw in teacher_run_ids for t in raw.replace(",", " ").split()]
+    if resume_run_id:
+        if config_path or sets or overrides or ids:
+            raise BadInput("--resume takes the run's own config and teachers", "drop the other options")
+        cfg = tracking.load_run_config(resume_run_id, config.Config)
+        ids = [t for t in tracking.get_run(resume_run_id).data.tags.get("kdtrack.teacher_run_ids", "").split(",") if t]
+    else:
+        cfg = load_config(config_path, sets, overrides)
+    click.echo(stage.run(cfg, ids, build_missing_cache=build_missing_cache, resume_run_id=resume_run_id))
+
+
+@main.command("lineage")
+@click.argument("run_id")
+@expected_errors
+def lineage(run_id: str) -> None:
+    """Print where a run's inputs came from: student -> caches -> teachers -> datasets."""
+    from kdtrack.lineage import describe
+
+    for line in describe(run_id):
+        click.echo(line)

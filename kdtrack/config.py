@@ -31,6 +31,8 @@ class DataConfig:
     batch_size: int = 64
     eval_batch_size: int = 512
     num_workers: int = 0
+    # fraction of train labels a student keeps; the rest become its unlabelled transfer set (teachers see all)
+    student_labels: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,28 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class KDConfig:
+    temperature: float = 4.0
+    alpha: float = 0.7  # weight of the distillation term; CE gets 1 - alpha
+    loss_type: str = field(default="kldiv", metadata={"choices": ("kldiv", "soft_ce")})
+    weighting: str = field(default="none", metadata={"choices": ("none", "pmax", "threshold")})
+    confidence_threshold: float = 0.0  # weighting=threshold
+    warmup_epochs: int = 0  # epochs of CE only
+    ramp_epochs: int = 0  # then alpha rises linearly over this many epochs
+    fusion: str = field(default="mean", metadata={"choices": ("mean", "weighted", "most_confident")})
+    fusion_weights: tuple[float, ...] = ()  # fusion=weighted, one per teacher
+    domain: str = ""  # distil only on samples of this domain (CE stays on all)
+    regression: str = field(default="none", metadata={"choices": ("none", "mse", "l1")})  # signal teachers
+    paraphraser_epochs: int = 10  # method=ft: pre-training of the paraphraser on the frozen teacher
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="mlp", hidden=(64,)))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     experiment: str = "kdtrack"
     seed: int = 0
@@ -85,6 +109,10 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    method: str = field(default="kd", metadata={"choices": ("none", "kd", "fitnet", "rkd", "ft", "at")})
+    teacher_mode: str = field(default="cached", metadata={"choices": ("cached", "online")})
+    student: StudentConfig = field(default_factory=StudentConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
 
 
 def load(path: str | Path | None = None, overrides: typing.Sequence[str] = (), cls: type = Config) -> Any:
@@ -166,7 +194,9 @@ def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
+def _build(cls: type, tree: dict[str, Any], prefix: str, base: Any = None) -> Any:
+    """`base` (default: cls()) with the values of `tree` set; nested sections keep their own defaults."""
+    base = cls() if base is None else base
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(tree) - set(fields))
@@ -182,14 +212,14 @@ def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix}{name} is a section, not a value", f"set one of its keys, e.g. {prefix}{name}.<key>=...")
-            values[name] = _build(hint, value, f"{prefix}{name}.")
+            values[name] = _build(hint, value, f"{prefix}{name}.", getattr(base, name))
         else:
             values[name] = _coerce(value, hint, f"{prefix}{name}")
             choices = fields[name].metadata.get("choices")
             if choices and values[name] not in choices:
                 raise ConfigError(f"{prefix}{name}={values[name]!r} is not allowed",
                                   f"choose one of: {', '.join(choices)}")
-    return cls(**values)
+    return dataclasses.replace(base, **values)
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

@@ -86,3 +86,9 @@ def test_flatten_and_yaml_round_trip(tmp_path: Path):
 def test_experiment_files_load():
     for path in (Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"):
         assert isinstance(config.load(path), Config), path
+
+
+def test_nested_section_keeps_its_own_defaults():
+    cfg = config.load(None, ["student.model.name=cnn"])
+    assert cfg.student.model.name == "cnn"
+    assert cfg.student.model.hidden == Config().student.model.hidden != Config().model.hidden

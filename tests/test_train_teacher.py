@@ -15,7 +15,7 @@ from kdtrack import checkpoint, config, engine
 from kdtrack.cli import main
 from kdtrack.data import build_dataset, dataset_digest, make_loader
 from kdtrack.models import ModelSpec, build_model
-from kdtrack.stages import train_teacher
+from kdtrack.stages import train_teacher, training
 
 
 def _cli(*args: str) -> tuple[int, str, str]:
@@ -110,20 +110,20 @@ def test_resume_continues_the_same_run_to_the_same_weights(store: str, monkeypat
     overrides = [*TINY_TEACHER, "optim.epochs=4", "model.dropout=0.2", "experiment=resume"]
     straight = train_teacher.run(config.load(DIGITS, overrides))
 
-    original = train_teacher._Saver.on_epoch_end
+    original = training.Saver.on_epoch_end
 
     def interrupt_after_epoch_1(self, epoch, metrics):
         original(self, epoch, metrics)
         if epoch == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_teacher._Saver, "on_epoch_end", interrupt_after_epoch_1)
+    monkeypatch.setattr(training.Saver, "on_epoch_end", interrupt_after_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         train_teacher.run(config.load(DIGITS, overrides))
     client = MlflowClient()
     (interrupted,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id],
                                         "attributes.status = 'KILLED'")
-    monkeypatch.setattr(train_teacher._Saver, "on_epoch_end", original)
+    monkeypatch.setattr(training.Saver, "on_epoch_end", original)
 
     code, out, err = _cli("train-teacher", "--resume", interrupted.info.run_id)
     assert code == 0, err

@@ -132,6 +132,12 @@ class LogitTable:
         """Store chunk index (int64) of each table row."""
         return self._rows[np.asarray(rows, dtype=np.int64)] // self.chunk_rows
 
+    def to(self, device: torch.device) -> LogitTable:
+        """Keep an in-memory table on `device` (e.g. the GPU), so a lookup by device rows needs no host sync."""
+        if self._logits is not None:
+            self._logits = self._logits.to(device)
+        return self
+
     def __getitem__(self, rows: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """Logits (B, *output_shape) float32 for table rows (B,), in request order."""
         if self._logits is not None:
@@ -139,6 +145,8 @@ class LogitTable:
             if index.dtype == torch.int64 and index.dim() == 1:
                 return self._logits.index_select(0, index).float()  # ~3x cheaper than advanced indexing
             return self._logits[index].float()
+        if isinstance(rows, torch.Tensor) and rows.device.type != "cpu":
+            return torch.from_numpy(self._gather(rows.cpu().numpy())).to(rows.device, non_blocking=True)
         return torch.from_numpy(self._gather(np.asarray(rows, dtype=np.int64)))
 
     def __getstate__(self) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from kdtrack.data.fingerprint import dataset_digest
 from kdtrack.data.index_splits import apply_index_splits
 from kdtrack.data.loaders import EpochShuffleSampler, make_loader
 from kdtrack.data.manifest import load_manifest
-from kdtrack.data.selection import DISTILL_SPLITS, distillation_rows
+from kdtrack.data.selection import DISTILL_SPLITS, distillation_rows, student_dataset
 from kdtrack.data.sources import build_dataset, load_digits_dataset, make_synthetic
 
 __all__ = [
@@ -22,4 +22,5 @@ __all__ = [
     "load_manifest",
     "make_loader",
     "make_synthetic",
+    "student_dataset",
 ]

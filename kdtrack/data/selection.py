@@ -6,11 +6,35 @@ from pathlib import Path
 
 import numpy as np
 
-from kdtrack.data.dataset import IndexedDataset
+from kdtrack.config import DataConfig
+from kdtrack.data.dataset import UNLABELED, IndexedDataset
 from kdtrack.data.index_splits import SUFFIX, read_index_file
+from kdtrack.data.sources import build_dataset
 from kdtrack.errors import DataError, LeakageError
 
 DISTILL_SPLITS = ("train", "unlabeled")  # what a student trains on; every other split is held out
+
+
+def student_dataset(cfg: DataConfig) -> IndexedDataset:
+    """The data as students see it: `cfg.student_labels` of each class's train labels kept, the other train
+    rows moved to split `unlabeled` as a transfer set (seeded by cfg.seed). Teachers train on `build_dataset`."""
+    full = build_dataset(cfg)
+    if not 0.0 < cfg.student_labels <= 1.0:
+        raise DataError(f"data.student_labels={cfg.student_labels} is outside (0, 1]",
+                        "give the fraction of train labels a student keeps, e.g. 0.1")
+    if cfg.student_labels == 1.0:
+        return full
+    rng = np.random.default_rng([cfg.seed, 7])
+    drop = []
+    for label in np.unique(full.labels[full.splits == "train"]):
+        rows = rng.permutation(np.flatnonzero((full.splits == "train") & (full.labels == label)))
+        drop.append(rows[max(1, round(cfg.student_labels * len(rows))):])  # every class keeps a label
+    dropped = np.concatenate(drop)
+    labels, splits = full.labels.copy(), full.splits.astype(object)
+    labels[dropped], splits[dropped] = UNLABELED, "unlabeled"
+    return IndexedDataset(features=full.features, labels=labels, sample_ids=full.sample_ids,
+                          splits=splits.astype(str), domains=full.domains, num_classes=full.num_classes,
+                          source=full.source, attributes=full.attributes)
 
 
 def distillation_rows(full: IndexedDataset, splits: Sequence[str], allow: Sequence[str] = (),

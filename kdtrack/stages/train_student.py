@@ -1,0 +1,107 @@
+"""Train a student against its teachers' cached logits (or live teachers); its run holds checkpoints and KD metrics."""
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kdtrack import config, engine, tracking
+from kdtrack.config import Config
+from kdtrack.data import IndexedDataset, dataset_digest, distillation_rows, fit_normalisation, student_dataset
+from kdtrack.errors import BadInput
+from kdtrack.losses.kd import kd_loss
+from kdtrack.models import build_model, spec_from_config
+from kdtrack.stages.distillation import Distillation, build_distillation
+from kdtrack.stages.training import Saver, progress_enabled, split_loaders
+from kdtrack.teachers import Teacher, load_teacher
+
+STAGE = "student"
+T = tracking.TAG
+
+
+def run(cfg: Config, teacher_run_ids: list[str] = (), *, build_missing_cache: bool = False,
+        resume_run_id: str | None = None) -> str:
+    """Train `cfg.student.model` by `cfg.method` from the teachers (none: plain CE); return the student run id."""
+    engine.seed_everything(cfg.seed)
+    device = engine.resolve_device(cfg.device)
+    if cfg.method != "none" and not teacher_run_ids:
+        raise BadInput(f"method {cfg.method} needs a teacher", "pass --teacher-run-id, or --set method=none")
+    teachers = [load_teacher(t, device, cfg.cache.checkpoint) for t in teacher_run_ids]
+    data = student_dataset(cfg.data)
+    # A baseline learns from labels alone; a distilling student also gets the unlabelled transfer set.
+    train = distillation_rows(data, cfg.cache.splits) if cfg.method != "none" else data.select(["train"])
+    norm = teachers[0].normalisation if teachers else fit_normalisation(data.select(["train"]))
+    splits = {"train": train, **{s: data.select([s]) for s in ("val", "test") if s in data.split_counts()}}
+    splits = {name: ds.with_normalisation(norm) for name, ds in splits.items()}
+    spec = spec_from_config(cfg.student.model, data.num_classes, data.input_shape)
+    model = build_model(spec).to(device)
+    distill = build_distillation(cfg, teachers, model, train, device, build_missing_cache=build_missing_cache)
+    params = [*model.parameters(), *(p for m in distill.modules.values() for p in m.parameters() if p.requires_grad)]
+    optimizer = engine.build_optimizer(params, cfg.student.optim)
+    scheduler = engine.build_scheduler(optimizer, cfg.student.optim)
+    amp = engine.amp_dtype(cfg.train.amp, device)
+    scaler = engine.make_scaler(amp, device)
+    loaders = split_loaders(cfg, splits, device)
+    digest = dataset_digest(train)
+    with tracking.stage_run(STAGE, cfg, run_name=run_name(cfg), description=_describe(cfg, spec.name, teachers, train),
+                            resume_run_id=resume_run_id) as tracked, tempfile.TemporaryDirectory() as tmp:
+        tracked.set_tags({f"{T}method": cfg.method, f"{T}teacher_mode": cfg.teacher_mode,
+                          f"{T}teacher_run_ids": ",".join(teacher_run_ids), f"{T}dataset_digest": digest,
+                          f"{T}model": spec.name, **distill.tags})
+        if not resume_run_id:
+            tracked.log_dataset(name=train.source, digest=digest, context="train",
+                                source={"source": train.source, "splits": ",".join(train.split_counts())})
+            for cache in distill.caches:
+                tracked.log_dataset(name=f"logits-{cache.teacher_run_id[:8]}", digest=cache.cache_key,
+                                    context="teacher_logits", source={"cache_run_id": cache.run_id})
+        saver = Saver(tracked, Path(tmp), model=model, spec=spec.to_dict(), norm=norm.to_dict(), optimizer=optimizer,
+                      scheduler=scheduler, scaler=scaler, cfg=config.to_dict(cfg), modules=distill.modules,
+                      metric_sources=[distill.loss.pop_stats] if hasattr(distill.loss, "pop_stats") else [])
+        start_epoch = saver.resume(resume_run_id) if resume_run_id else 0
+        engine.fit(model, loaders["train"], optimizer, loss_fn=distill.loss, epochs=cfg.student.optim.epochs,
+                   device=device, scheduler=scheduler, val_loader=loaders.get("val"), start_epoch=start_epoch,
+                   scaler=scaler, amp_dtype=amp, seed=cfg.seed, on_epoch_end=saver.on_epoch_end,
+                   progress=progress_enabled(cfg.train.progress))
+        saver.load_best(device)
+        final = {**saver.best_metrics(), **_test_report(model, teachers, loaders.get("test"), device, amp)}
+        tracked.log_metrics(final, step=max(cfg.student.optim.epochs - 1, 0))
+        print(f"student run {tracked.run_id} ({run_name(cfg)}): test accuracy {final.get('test/acc', float('nan')):.4f}",
+              file=sys.stderr)
+        return tracked.run_id
+
+
+def run_name(cfg: Config) -> str:
+    """`student-none`, `student-kd-t4-a0.7`, `student-rkd-a0.75`: what the run is, at a glance in the UI."""
+    if cfg.method == "none":
+        return "student-none"
+    temperature = f"-t{cfg.kd.temperature:g}" if cfg.method == "kd" else ""
+    online = "-online" if cfg.teacher_mode == "online" and cfg.method == "kd" else ""
+    return f"student-{cfg.method}{temperature}-a{cfg.kd.alpha:g}{online}"
+
+
+def _describe(cfg: Config, model_name: str, teachers: list[Teacher], train: IndexedDataset) -> str:
+    source = ", ".join(t.run_name for t in teachers) or "labels only"
+    return (f"Student {model_name} by {cfg.method} ({cfg.teacher_mode} teacher logits) from {source}; "
+            f"{len(train)} training rows ({', '.join(f'{k}={v}' for k, v in train.split_counts().items())}).")
+
+
+def _test_report(model: torch.nn.Module, teachers: list[Teacher], test_loader, device: torch.device,
+                 amp: torch.dtype | None) -> dict[str, float]:
+    """Test accuracy, and against the first teacher: top-1 agreement and KL(teacher || student) at T=1."""
+    if test_loader is None:
+        return {}
+    metrics = {"test/acc": engine.evaluate(model, test_loader, device=device, amp_dtype=amp)["acc"]}
+    if not teachers or teachers[0].normalisation != teachers[-1].normalisation:
+        return metrics
+    model.eval()
+    agree, kl, n = 0.0, 0.0, 0
+    with torch.inference_mode():
+        for x, *_ in test_loader:
+            x = x.to(device, non_blocking=True)
+            student, teacher = model(x).float(), teachers[0].model(x).float()
+            agree += (student.argmax(1) == teacher.argmax(1)).sum().item()
+            kl += kd_loss(student, teacher, temperature=1.0, reduction="sum").item()
+            n += len(x)
+    return {**metrics, "test/agreement": agree / n, "test/kl_to_teacher": kl / n}

@@ -1,0 +1,102 @@
+"""What the teacher and student stages share: loaders per split, checkpoint callbacks, the final test report."""
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kdtrack import checkpoint, engine, tracking
+from kdtrack.config import Config
+from kdtrack.data import IndexedDataset, make_loader
+from kdtrack.errors import CheckpointError
+
+
+def split_loaders(cfg: Config, splits: dict[str, IndexedDataset],
+                  device: torch.device) -> dict[str, torch.utils.data.DataLoader]:
+    """A shuffled (seeded, per-epoch) loader for `train`, plain ones for the evaluation splits."""
+    loaders = {}
+    for name, ds in splits.items():
+        train = name == "train"
+        loaders[name] = make_loader(ds, cfg.data.batch_size if train else cfg.data.eval_batch_size,
+                                    shuffle=train, seed=cfg.seed, num_workers=cfg.data.num_workers, device=device)
+    return loaders
+
+
+def progress_enabled(mode: str) -> bool:
+    return sys.stderr.isatty() if mode == "auto" else mode == "on"
+
+
+@dataclass
+class Saver:
+    """Epoch-end callback: log metrics, write `last.pt` every epoch and `best.pt` when val accuracy improves.
+
+    `modules` are extra trainable parts (e.g. feature-distillation connectors) saved and restored with the model;
+    `metric_sources` add per-epoch figures (e.g. the KD weight) before logging."""
+
+    tracked: tracking.StageRun
+    workdir: Path
+    model: torch.nn.Module
+    spec: dict
+    norm: dict
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    cfg: dict
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)
+    metric_sources: list[Callable[[], dict[str, float]]] = field(default_factory=list)
+    best_acc: float = -math.inf
+    best_epoch: int = -1
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        for source in self.metric_sources:
+            metrics.update({f"train/{k}": v for k, v in source().items()})
+        self.tracked.log_metrics(metrics, step=epoch)
+        val_acc = metrics.get("val/acc", math.nan)
+        improved = not math.isfinite(self.best_acc) or (math.isfinite(val_acc) and val_acc > self.best_acc)
+        if improved:
+            self.best_acc, self.best_epoch = (val_acc if math.isfinite(val_acc) else -math.inf), epoch
+        payload = checkpoint.make_payload(
+            model=self.model, spec=self.spec, normalisation=self.norm, epoch=epoch, metrics=metrics,
+            optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, config=self.cfg,
+            extra={"best_val_acc": self.best_acc, "best_epoch": self.best_epoch,
+                   "modules": {name: m.state_dict() for name, m in self.modules.items()}},
+        )
+        names = ["last.pt", "best.pt"] if improved else ["last.pt"]
+        for name in names:
+            checkpoint.save(self.workdir / name, payload)
+            self.tracked.log_artifact(self.workdir / name, "checkpoints")
+        tags = {f"{tracking.TAG}checkpoint_sha256_last": payload["weights_sha256"]}
+        if improved:
+            tags[f"{tracking.TAG}checkpoint_sha256"] = payload["weights_sha256"]
+        self.tracked.set_tags(tags)
+
+    def resume(self, run_id: str) -> int:
+        """Restore model, modules, optimizer, scheduler and scaler from the run's `last.pt`; return the next epoch."""
+        for name in ("last.pt", "best.pt"):
+            local = tracking.download_artifact(run_id, f"checkpoints/{name}", self.workdir / "download")
+            local.replace(self.workdir / name)
+        payload = checkpoint.load(self.workdir / "last.pt")
+        if payload["spec"] != self.spec:
+            raise CheckpointError(f"run {run_id}'s last.pt holds model {payload['spec']['name']}, "
+                                  f"the config asks for {self.spec['name']}", "resume with the run's own config")
+        extra = payload.get("extra") or {}
+        for name, module in self.modules.items():
+            module.load_state_dict(extra["modules"][name])
+        self.best_acc, self.best_epoch = extra.get("best_val_acc", -math.inf), extra.get("best_epoch", -1)
+        return checkpoint.restore(payload, model=self.model, optimizer=self.optimizer,
+                                  scheduler=self.scheduler, scaler=self.scaler)
+
+    def load_best(self, device: torch.device) -> None:
+        """Put the best epoch's weights (the ones later stages use by default) back into the model."""
+        best = checkpoint.load(self.workdir / "best.pt", map_location=device)
+        self.model.load_state_dict(best["state_dict"])
+
+    def best_metrics(self) -> dict[str, float]:
+        metrics = {"best/epoch": float(self.best_epoch)}
+        if math.isfinite(self.best_acc):
+            metrics["best/val_acc"] = self.best_acc
+        return metrics
