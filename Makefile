@@ -15,9 +15,12 @@ $(INSTALLED): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
+# The whole pipeline on digits with a teacher-labelled transfer set: teacher -> cache -> KD and no-KD students.
 demo: $(INSTALLED)
-	$(VENV)/bin/kdtrack train-teacher --config experiments/digits.yaml
-	@echo "Runs are in ./mlflow.db, artifacts in ./mlruns. Browse them with: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	$(VENV)/bin/kdtrack pipeline --config experiments/digits_transfer.yaml --students kd,none
+	$(PY) plot_experiments.py --experiment digits-transfer --out plots
+	@echo "Plots are in ./plots. Runs are in ./mlflow.db, artifacts in ./mlruns; compare them with:"
+	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db    (then open http://127.0.0.1:5000)"
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q

@@ -192,3 +192,55 @@ def lineage(run_id: str) -> None:
 
     for line in describe(run_id):
         click.echo(line)
+
+
+@main.command("pipeline")
+@config_options
+@click.option("--students", default="kd,none", show_default=True, help="Student methods, comma-separated.")
+@click.option("--force", type=click.Choice(["teacher", "cache", "students"]), default=None,
+              help="Rerun this step and every step after it, even if a finished run could be reused.")
+@expected_errors
+def pipeline(config_path: str | None, sets: tuple[str, ...], overrides: str, students: str, force: str | None) -> None:
+    """Teacher -> cache -> students under one parent run, reusing finished steps; prints a summary table."""
+    from kdtrack.stages import pipeline as stage
+
+    cfg = load_config(config_path, sets, overrides)
+    methods = [m.strip() for m in students.split(",") if m.strip()]
+    for method in methods:
+        config.override(cfg, [f"method={method}"])  # an unknown method fails here, before any run starts
+    click.echo(stage.run(cfg, methods, force=force))
+
+
+@main.command("sweep")
+@config_options
+@click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,...", help="A config key and its values; repeatable.")
+@click.option("--seeds", default="0", show_default=True, help="Seeds, comma-separated.")
+@click.option("--force-restart", is_flag=True, help="Rerun every combination, finished or not.")
+@expected_errors
+def sweep(config_path: str | None, sets: tuple[str, ...], overrides: str, grid: tuple[str, ...], seeds: str,
+          force_restart: bool) -> None:
+    """Student runs for every grid combination and seed under one parent; prints mean ± std over seeds."""
+    from kdtrack.stages import sweep as stage
+
+    cfg = load_config(config_path, sets, overrides)
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError as exc:
+        raise BadInput(f"--seeds {seeds!r} is not a list of integers", "e.g. --seeds 0,1,2") from exc
+    parsed = stage.parse_grid(list(grid))
+    for combo in parsed.items():  # every value type-checks before any run starts
+        for value in combo[1]:
+            config.override(cfg, [f"{combo[0]}={value}"])
+    click.echo(stage.run(cfg, parsed, seed_list, force_restart=force_restart))
+
+
+@main.command("fetch")
+@click.option("--run-id", required=True, metavar="RUN_ID", help="A teacher, student or cache run.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to put the artifacts in.")
+@expected_errors
+def fetch(run_id: str, out: str) -> None:
+    """Download a run's checkpoints or logit cache for use elsewhere; prints the local paths."""
+    from kdtrack.fetch import fetch as do_fetch
+
+    for path in do_fetch(run_id, out):
+        click.echo(path)

@@ -117,15 +117,14 @@ class Config:
 
 def load(path: str | Path | None = None, overrides: typing.Sequence[str] = (), cls: type = Config) -> Any:
     """Defaults, then the YAML file at `path`, then `a.b=value` overrides, each checked against the types."""
-    tree: dict[str, Any] = {}
-    if path:
-        tree = _read_yaml(Path(path))
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value", "write it as e.g. optim.lr=0.1")
-        _set_path(tree, key.strip().split("."), _parse_scalar(raw))
+    tree: dict[str, Any] = _read_yaml(Path(path)) if path else {}
+    _override_tree(tree, overrides)
     return _build(cls, tree, prefix="")
+
+
+def override(cfg: Any, overrides: typing.Sequence[str]) -> Any:
+    """`cfg` with `a.b=value` overrides applied and type-checked, as `load` does over the defaults."""
+    return _build(type(cfg), _override_tree({}, overrides), prefix="", base=cfg)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -163,6 +162,15 @@ _Loader.yaml_implicit_resolvers = {
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
+
+
+def _override_tree(tree: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value", "write it as e.g. optim.lr=0.1")
+        _set_path(tree, key.strip().split("."), _parse_scalar(raw))
+    return tree
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

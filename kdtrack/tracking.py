@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,12 +165,15 @@ def artifact_path(run_id: str, path: str) -> Path:
     if local is not None:
         return local / path
     target = download_dir() / run_id
+    downloaded = target / path
     done = target / f".{path.replace('/', '_')}.downloaded"
     if not done.exists():
-        target.mkdir(parents=True, exist_ok=True)
-        download_artifact(run_id, path, target)
+        downloaded.parent.mkdir(parents=True, exist_ok=True)
+        # MLflow puts a downloaded file or folder under its last path component only (checkpoints/best.pt ->
+        # <dst>/best.pt), so the destination is the artifact's own parent folder.
+        download_artifact(run_id, path, downloaded.parent)
         done.touch()  # an interrupted download is simply repeated
-    return target / path
+    return downloaded
 
 
 def download_dir() -> Path:
@@ -196,14 +201,15 @@ def get_run(run_id: str) -> Any:
 
 
 def code_version() -> str:
-    """Git commit of the kdtrack source tree, with `-dirty` when tracked files changed; else `unknown`."""
+    """Git commit of the kdtrack source tree; `<commit>-dirty.<hash of the diff>` when tracked files changed, so
+    two different sets of uncommitted changes never look alike; `unknown` outside git."""
     here = Path(__file__).resolve().parent
     try:
         commit = _git(here, "rev-parse", "HEAD")
-        dirty = _git(here, "status", "--porcelain", "--untracked-files=no")
+        diff = _git(here, "diff", "HEAD")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return f"{commit}-dirty" if dirty else commit
+    return f"{commit}-dirty.{hashlib.sha256(diff.encode()).hexdigest()[:12]}" if diff else commit
 
 
 def _git(cwd: Path, *args: str) -> str:
@@ -231,3 +237,83 @@ def _first_line(exc: BaseException) -> str:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def select_runs(experiment: str | None = None, tags: dict[str, str] | None = None, stage: str | None = None,
+                run_ids: list[str] | None = None) -> list[Any]:
+    """Runs that meet every criterion given (experiment name, tag values, kdtrack stage, run ids), oldest first.
+    Run ids that do not exist and an experiment that does not exist simply match nothing."""
+    client = configure()
+    _check_reachable(client)
+    wanted = {**(tags or {}), **({f"{TAG}stage": stage} if stage else {})}
+    experiment_ids = None
+    if experiment:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        experiment_ids = [found.experiment_id]
+    if run_ids:
+        runs = [run for run in (_run_or_none(client, i) for i in dict.fromkeys(run_ids)) if run is not None]
+    else:
+        # Values holding quotes cannot go into a filter string; they are still checked below.
+        query = " AND ".join(f"tags.`{k}` = '{v}'" for k, v in wanted.items() if "'" not in v and "`" not in k)
+        runs = _search_all(client, experiment_ids or [e.experiment_id for e in client.search_experiments()], query)
+    selected = [run for run in runs if all(run.data.tags.get(k) == v for k, v in wanted.items())
+                and (experiment_ids is None or run.info.experiment_id in experiment_ids)]
+    return sorted(selected, key=lambda run: (run.info.start_time or 0, run.info.run_id))
+
+
+def experiment_names() -> list[str]:
+    """Names of the active experiments in the tracking store."""
+    return sorted(e.name for e in configure().search_experiments())
+
+
+def metric_histories(keys_by_run: dict[str, list[str]], workers: int = 8) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """run id -> metric key -> [(step, value)] sorted by step, for the keys asked of each run. The per-metric reads
+    go out concurrently, so a remote server costs one round trip per `workers` histories, not one per history."""
+    client = configure()
+    pairs = [(run_id, key) for run_id, keys in keys_by_run.items() for key in dict.fromkeys(keys)]
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {run_id: {} for run_id in keys_by_run}
+    if not pairs:
+        return out
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(pairs)))) as pool:
+            for (run_id, key), history in zip(pairs, pool.map(lambda p: client.get_metric_history(*p), pairs)):
+                out[run_id][key] = _by_step(history)
+    except MlflowException as exc:
+        raise TrackingError(f"cannot read metric histories from {tracking_uri()}: {_first_line(exc)}",
+                            "check MLFLOW_TRACKING_URI and that the server is up") from exc
+    return out
+
+
+def log_files(run_id: str, paths: list[Path], artifact_path: str) -> None:
+    """Log local files as artifacts under `artifact_path` of an existing run (finished or not)."""
+    client = configure()
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
+def _run_or_none(client: MlflowClient, run_id: str) -> Any:
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def _search_all(client: MlflowClient, experiment_ids: list[str], query: str) -> list[Any]:
+    runs: list[Any] = []
+    for start in range(0, len(experiment_ids), 100):  # search_runs takes at most 100 experiments
+        token = None
+        while True:
+            page = client.search_runs(experiment_ids[start:start + 100], query, max_results=1000, page_token=token)
+            runs += page
+            token = page.token
+            if not token:
+                break
+    return runs
+
+
+def _by_step(history: list[Metric]) -> list[tuple[int, float]]:
+    """One value per step: the latest logged, as a resumed run may log an epoch twice."""
+    latest = {m.step: m for m in sorted(history, key=lambda m: (m.step, m.timestamp))}
+    return [(step, latest[step].value) for step in sorted(latest)]

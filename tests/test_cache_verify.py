@@ -181,3 +181,21 @@ def test_open_store_refuses_missing_foreign_and_half_created(tmp_path: Path, goo
     zarr.open_group(good, mode="r+").update_attributes({"initialised": False})
     with pytest.raises(CacheError, match="never fully created"):
         open_store(good)
+
+
+def test_corrupt_sample_ids_chunk_is_reported_not_raised(tmp_path):
+    """A sample-id chunk that fails its checksum makes its samples unresolvable instead of crashing verify."""
+    from kdtrack.cache.verify import check_coverage
+
+    path = tmp_path / "ids.zarr"
+    group = zarr.open_group(str(path), mode="w")
+    ids = group.create_array("sample_ids", shape=(8,), chunks=(4,), dtype=str,
+                             compressors=[zarr.codecs.Crc32cCodec()])
+    ids[:] = np.array([f"s/{i}" for i in range(8)])
+    group.attrs.update({"chunk_rows": 4, "num_rows": 8})
+    chunk = path / "sample_ids" / "c" / "1"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    report = check_coverage(zarr.open_group(str(path)), [f"s/{i}" for i in range(8)])
+    assert report.found == 4 and report.missing == [f"s/{i}" for i in range(4, 8)]

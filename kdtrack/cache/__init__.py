@@ -1,4 +1,5 @@
-"""Teacher-logit cache: the Zarr store format, the resumable writer, verification (and, in reader.py, lookup)."""
+"""Teacher-logit cache: the Zarr store format, the resumable writer, verification, packing into shards for upload
+(and, in reader.py, lookup)."""
 from kdtrack.cache.format import (
     FORMAT,
     cache_key,
@@ -13,6 +14,7 @@ from kdtrack.cache.format import (
     remove_store,
     store_nbytes,
 )
+from kdtrack.cache.pack import pack
 from kdtrack.cache.verify import (
     CoverageReport,
     FidelityReport,
@@ -53,6 +55,7 @@ __all__ = [
     "mark_incomplete",
     "num_chunks",
     "open_store",
+    "pack",
     "probe_output_shape",
     "remove_store",
     "sample_rows",

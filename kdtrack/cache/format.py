@@ -2,7 +2,7 @@
 
 A store is a Zarr v3 group. Every array is chunked along rows by `chunk_rows` and every chunk object carries a
 CRC32C checksum, so a flipped byte fails the read. `chunk_done` keeps one object per flag, so writers owning
-different chunks never write the same object.
+different chunks never write the same object. Remote artifact stores get a copy packed into shards (pack.py).
 """
 from __future__ import annotations
 

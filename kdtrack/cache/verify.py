@@ -195,13 +195,31 @@ def check_integrity(group: zarr.Group, chunks: Sequence[int] | None = None) -> I
     return report
 
 
+def readable_ids(group: zarr.Group) -> tuple[dict[str, int], int]:
+    """Cache row of every stored sample id and how many rows repeat an earlier id, read chunk by chunk; ids in
+    a chunk that fails its checksum are left out (integrity names that chunk; its samples do not resolve)."""
+    index: dict[str, int] = {}
+    duplicates = 0
+    for c in range(num_chunks(group)):
+        start, stop = chunk_bounds(group, None, c)
+        try:
+            ids = group["sample_ids"][start:stop].tolist()
+        except (ValueError, OSError):
+            continue
+        for i, sid in enumerate(ids):
+            if sid in index:
+                duplicates += 1
+            elif sid:
+                index[sid] = start + i
+    return index, duplicates
+
+
 def check_coverage(group: zarr.Group, sample_ids: Sequence[str]) -> CoverageReport:
     """Does every id of `sample_ids` resolve to exactly one cache row?"""
-    stored = group["sample_ids"][:].tolist()
-    index = {sid: row for row, sid in enumerate(stored)}
+    index, duplicates = readable_ids(group)
     missing = [sid for sid in sample_ids if sid not in index]
     return CoverageReport(requested=len(sample_ids), found=len(sample_ids) - len(missing), missing=missing[:_SHOW],
-                          missing_count=len(missing), duplicate_ids=len(stored) - len(index))
+                          missing_count=len(missing), duplicate_ids=duplicates)
 
 
 def fidelity_tolerance(dtype: str, amp_dtype: torch.dtype | None, max_abs_logit: float) -> float:
@@ -239,7 +257,7 @@ def check_fidelity(
 ) -> FidelityReport:
     """Recompute `model` on dataset `rows` and compare with the cache rows holding the same sample ids."""
     rows = np.asarray(rows, dtype=np.int64)
-    index = {sid: r for r, sid in enumerate(group["sample_ids"][:].tolist())}
+    index, _ = readable_ids(group)
     ids = [dataset.sample_ids[r] for r in rows.tolist()]
     keep = [i for i, sid in enumerate(ids) if sid in index]
     missing = len(ids) - len(keep)  # ids the cache lacks cannot be compared; coverage names them

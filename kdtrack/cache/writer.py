@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import zarr
 from torch import nn
+from zarr.storage import LocalStore
 
 from kdtrack.cache.format import (chunk_bounds, create_store, default_chunk_rows, done_flags, is_store, num_chunks,
                                   open_store, remove_store)
@@ -306,11 +307,12 @@ class _ChunkWriter:
             c, start, block = item
             try:
                 stop = start + len(block)
-                self.logits[start:stop] = block.numpy()
+                _write_rows(self.logits, start, block.numpy())
                 if self.dataset is not None:
-                    self.group["sample_ids"][start:stop] = np.asarray(self.dataset.sample_ids[start:stop], dtype=str)
-                    self.group["labels"][start:stop] = self.dataset.labels[start:stop]
-                self.flags[c] = True  # only after the logits are on disk
+                    _write_rows(self.group["sample_ids"], start,
+                                np.asarray(self.dataset.sample_ids[start:stop], dtype=str))
+                    _write_rows(self.group["labels"], start, self.dataset.labels[start:stop])
+                _write_rows(self.flags, c, np.ones(1, dtype=bool))  # only after the logits are on disk
             except Exception as exc:  # any failure must reach the caller's thread, not die here unseen
                 self.error = (c, exc)
 
@@ -320,3 +322,31 @@ class _ChunkWriter:
             raise CacheError(f"writing chunk {c} of the cache failed: {exc}",
                              "check free disk space and write permission, then rerun; the build resumes") from exc
 
+
+def _write_rows(array: zarr.Array, start: int, values: np.ndarray) -> None:
+    """`array[start:start + len(values)] = values`, also when the shard holding those rows has a corrupt index.
+
+    In a sharded (packed) store zarr writes one chunk by decoding the shard's index and re-encoding the shard.
+    A corrupt index made every chunk of that shard unreadable, so nothing readable is lost by removing the shard
+    object and writing again; its other chunks then read as removed, and verification names them for repair.
+    """
+    stop = start + len(values)
+    try:
+        array[start:stop] = values
+        return
+    except ValueError:  # zarr's Crc32c codec reports a mismatch as ValueError
+        if array.shards is None or not isinstance(array.store, LocalStore) or _shard_readable(array, start):
+            raise
+    shard = (start // int(array.shards[0]), *[0] * (array.ndim - 1))  # shards split rows only
+    (Path(array.store.root) / array.path / array.metadata.encode_chunk_key(shard)).unlink(missing_ok=True)
+    array[start:stop] = values
+
+
+def _shard_readable(array: zarr.Array, row: int) -> bool:
+    """Whether every chunk of the shard holding `row` decodes; a whole-chunk write fails only on a bad index."""
+    rows = int(array.shards[0])
+    try:
+        array[row // rows * rows:(row // rows + 1) * rows]
+    except ValueError:
+        return False
+    return True

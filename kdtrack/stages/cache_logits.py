@@ -11,7 +11,7 @@ import torch
 
 from kdtrack import cache, engine, tracking
 from kdtrack.config import Config
-from kdtrack.data import IndexedDataset, build_dataset, dataset_digest, distillation_rows
+from kdtrack.data import IndexedDataset, dataset_digest, distillation_rows, student_dataset
 from kdtrack.errors import CacheError
 from kdtrack.teachers import Teacher, load_teacher
 
@@ -26,16 +26,19 @@ def run(cfg: Config, teacher_run_id: str, *, force: bool = False, resume: bool =
     A FINISHED complete cache with the same key is reused (unless `force`); an unfinished one is resumed."""
     device = engine.resolve_device(cfg.device)
     teacher = load_teacher(teacher_run_id, device, cfg.cache.checkpoint)
-    rows = distillation_rows(build_dataset(cfg.data), cfg.cache.splits, cfg.cache.allow_splits,
+    rows = distillation_rows(student_dataset(cfg.data), cfg.cache.splits, cfg.cache.allow_splits,
                              cfg.cache.split_files).with_normalisation(teacher.normalisation)
     plan = _plan(cfg, teacher, rows, device)
     if not force:
-        for done in tracking.find_runs({f"{T}cache_key": plan.key, f"{T}complete": "true"}):
+        # Same key and same teacher run: lineage stays exact even when two teacher runs hold equal weights.
+        same = {f"{T}cache_key": plan.key, f"{T}teacher_run_id": teacher.run_id}
+        for done in tracking.find_runs({**same, f"{T}complete": "true"}):
             print(f"reusing cache run {done.info.run_id} (key {plan.key[:12]}): same teacher checkpoint, "
                   "same data; pass --force to rebuild", file=sys.stderr)
             tracking.note_reuse(STAGE, done.info.run_id)
             return done.info.run_id
-    unfinished = tracking.find_runs({f"{T}cache_key": plan.key}, statuses=("RUNNING", "FAILED", "KILLED"))
+    unfinished = tracking.find_runs({f"{T}cache_key": plan.key, f"{T}teacher_run_id": teacher.run_id},
+                                    statuses=("RUNNING", "FAILED", "KILLED"))
     resume_id = unfinished[0].info.run_id if resume and unfinished else None
     description = (f"Logits of teacher {teacher.run_name} ({teacher.checkpoint_name}.pt, "
                    f"{teacher.checkpoint_sha256[:12]}) over {len(rows)} rows of {rows.source} "
@@ -108,7 +111,7 @@ def _build_and_verify(cfg: Config, tracked: tracking.StageRun, teacher: Teacher,
     cache.mark_complete(store, report.fidelity_dict())
     size = cache.store_nbytes(path)
     if local_dir is None:
-        tracked.log_artifacts(path, ARTIFACT)
+        size = upload_store(tracked, path)
         shutil.rmtree(path.parent, ignore_errors=True)
     tracked.log_metrics({"build/seconds": stats.seconds, "build/rows_per_s": stats.rows_per_s,
                          "build/rows_computed": stats.rows_computed, "build/rows_copied": stats.rows_copied,
@@ -117,6 +120,22 @@ def _build_and_verify(cfg: Config, tracked: tracking.StageRun, teacher: Teacher,
     tracked.set_tags({f"{T}complete": "true"})
     print(f"cache run {tracked.run_id}: {len(rows)} rows ({stats.rows_computed} computed, "
           f"{stats.rows_copied} copied) at {stats.rows_per_s:.0f} rows/s; verified", file=sys.stderr)
+
+
+def upload_store(tracked: tracking.StageRun, path: Path) -> int:
+    """Upload the store at `path` as the run's `logits.zarr`, packed into a few shard files; return their bytes.
+
+    A remote artifact store takes one request per file, and an unpacked store has four files per chunk.
+    """
+    packed = path.with_name(f"{path.name}.packed")
+    shutil.rmtree(packed, ignore_errors=True)  # left by an interrupted earlier upload
+    try:
+        cache.pack(path, packed)
+        # Files of an earlier upload under the same names are replaced; the packed layout is the same each time.
+        tracked.log_artifacts(packed, ARTIFACT)
+        return cache.store_nbytes(packed)
+    finally:
+        shutil.rmtree(packed, ignore_errors=True)
 
 
 def _prior_rows(plan: _Plan, rows: IndexedDataset) -> cache.PriorRows | None:

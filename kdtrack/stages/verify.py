@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from kdtrack import cache, config, engine, tracking
-from kdtrack.data import build_dataset, distillation_rows
+from kdtrack.data import distillation_rows, student_dataset
 from kdtrack.errors import BadInput
-from kdtrack.stages.cache_logits import ARTIFACT, STAGE
+from kdtrack.stages.cache_logits import ARTIFACT, STAGE, upload_store
 from kdtrack.teachers import load_teacher
 
 T = tracking.TAG
@@ -35,7 +35,7 @@ def run(cache_run_id: str, *, recompute: int = 64, repair: bool = False, seed: i
     path = tracking.artifact_path(cache_run_id, ARTIFACT)
     store = cache.open_store(path, mode="r+")
     teacher = load_teacher(store.attrs["teacher_run_id"], device, run_info.data.tags.get(f"{T}checkpoint", "best"))
-    rows = distillation_rows(build_dataset(cfg.data), cfg.cache.splits, cfg.cache.allow_splits,
+    rows = distillation_rows(student_dataset(cfg.data), cfg.cache.splits, cfg.cache.allow_splits,
                              cfg.cache.split_files).with_normalisation(teacher.normalisation)
     amp = engine.amp_dtype(cfg.train.amp, device)
     check_rows = np.random.default_rng(seed).permutation(len(rows))[:recompute]
@@ -67,6 +67,6 @@ def _record(run_id: str, store, report: cache.VerifyReport, path, repaired: list
     else:
         cache.mark_incomplete(store)
     if repaired and tracking.local_artifact_dir(run_id) is None:
-        tracked.log_artifacts(path, ARTIFACT)
+        upload_store(tracked, path)
     tracked.log_metrics({**report.metrics(), "verify/passed": float(report.passed)}, step=0)
     tracked.set_tags({f"{T}complete": str(report.passed).lower(), f"{T}verified": "pass" if report.passed else "fail"})

@@ -1,0 +1,103 @@
+"""A grid of student runs under one parent: finished combinations are skipped, failed ones rerun; a results
+table (mean ± std over seeds) is printed and logged as `results.csv`."""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import math
+import statistics
+import sys
+
+from kdtrack import config, tracking
+from kdtrack.config import Config
+from kdtrack.errors import BadInput, KdtrackError, TrainingError
+from kdtrack.stages import cache_logits, train_student, train_teacher
+from kdtrack.stages.pipeline import _CACHE_KEYS, _STUDENT_KEYS, _TEACHER_KEYS, FEATURE_METHODS, run_step
+
+T = tracking.TAG
+# Papers differ on which accuracy they report, so both are kept: the last epoch's and the best epoch's.
+COLUMNS = ("val/acc", "best/val_acc", "test/acc")
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """`["method=kd,none", "kd.alpha=0.5,0.9"]` -> {"method": ["kd", "none"], "kd.alpha": ["0.5", "0.9"]}."""
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise BadInput(f"--grid {item!r} is not of the form key=v1,v2,...", "e.g. --grid kd.alpha=0.5,0.75")
+        grid[key] = values.split(",")
+    return grid
+
+
+def run(cfg: Config, grid: dict[str, list[str]], seeds: list[int], *, force_restart: bool = False) -> str:
+    """Every combination of `grid` and `seeds` as a student run of the config's teacher and cache (both reused
+    when finished); FINISHED combinations are skipped unless `force_restart`. Returns the parent run id."""
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
+    configs = [(combo, seed, _combo_config(cfg, combo, seed)) for combo in combos for seed in seeds]
+    version = tracking.code_version()
+    with tracking.stage_run("sweep", cfg, run_name=f"sweep-{cfg.experiment}",
+                            description=f"{len(configs)} students: grid {grid}, seeds {seeds}.") as parent:
+        teacher = run_step("teacher", cfg, _TEACHER_KEYS, [], version, False, lambda: train_teacher.run(cfg))
+        cache = run_step("cache", cfg, _CACHE_KEYS, [teacher.run_id], version, False,
+                         lambda: cache_logits.run(cfg, teacher.run_id))
+        results, failed = [], []
+        for combo, seed, student_cfg in configs:
+            name = ", ".join(f"{k}={v}" for k, v in combo.items()) or "default"
+            try:
+                step = run_step(f"student-{name}-seed{seed}", student_cfg, _STUDENT_KEYS,
+                                [teacher.run_id, cache.run_id], version, force_restart,
+                                lambda c=student_cfg: train_student.run(c, [teacher.run_id]))
+            except KdtrackError as exc:  # one bad combination must not stop the others
+                print(f"sweep: {name} seed {seed} failed: {exc}", file=sys.stderr)
+                failed.append(f"{name} seed {seed}")
+                continue
+            results.append((name, seed, step.run_id))
+        if not results:
+            raise TrainingError(f"all {len(configs)} sweep combinations failed", "see the errors above")
+        table, rows = _table(results)
+        parent.client.log_text(parent.run_id, _csv(rows), "results.csv")
+        parent.set_tags({f"{T}teacher_run_ids": teacher.run_id, f"{T}cache_run_ids": cache.run_id})
+        print(table)
+        if failed:
+            raise TrainingError(f"{len(failed)} of {len(configs)} sweep runs failed ({'; '.join(failed)})",
+                                "fix the cause and run the same sweep again: finished runs are skipped")
+        return parent.run_id
+
+
+def _combo_config(cfg: Config, combo: dict[str, str], seed: int) -> Config:
+    sets = [f"{k}={v}" for k, v in combo.items()] + [f"seed={seed}"]
+    student_cfg = config.override(cfg, sets)
+    if student_cfg.method in FEATURE_METHODS and "teacher_mode" not in combo:
+        student_cfg = config.override(student_cfg, ["teacher_mode=online"])
+    return student_cfg
+
+
+def _table(results: list[tuple[str, int, str]]) -> tuple[str, list[dict]]:
+    """Mean ± std over seeds per combination, and one CSV row per combination."""
+    by_combo: dict[str, list[dict[str, float]]] = {}
+    for name, _seed, run_id in results:
+        by_combo.setdefault(name, []).append(tracking.get_run(run_id).data.metrics)
+    rows, lines = [], [f"{'combination':40} {'n':>2}  " + "  ".join(f"{c:>17}" for c in COLUMNS)]
+    for name, metrics in by_combo.items():
+        row = {"combination": name, "seeds": len(metrics)}
+        cells = []
+        for column in COLUMNS:
+            values = [m[column] for m in metrics if column in m and math.isfinite(m[column])]
+            mean = statistics.fmean(values) if values else math.nan
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            row[f"{column} mean"], row[f"{column} std"] = mean, std
+            cells.append(f"{mean:8.4f} ± {std:6.4f}")
+        rows.append(row)
+        lines.append(f"{name:40} {len(metrics):2d}  " + "  ".join(cells))
+    print(f"sweep: {len(results)} student runs", file=sys.stderr)
+    return "\n".join(lines), rows
+
+
+def _csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()

@@ -1,0 +1,210 @@
+"""Packed stores for remote artifact stores: `pack`, and cache-logits / verify-cache over a real `mlflow server`."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from cache_build_child import CHUNK_ROWS, tiny_attrs, tiny_dataset, tiny_model
+from click.testing import CliRunner
+from conftest import DIGITS, TINY_TEACHER, mlflow_server, subprocess_env
+from mlflow.tracking import MlflowClient
+
+from kdtrack import checkpoint, config
+from kdtrack.cache import LogitTable, VerifyReport, build, mark_complete, open_store, pack, verify_store
+from kdtrack.cli import main
+from kdtrack.data import Normalisation, build_dataset
+from kdtrack.errors import CacheError
+from kdtrack.models import ModelSpec, build_model
+
+CPU = torch.device("cpu")
+ARRAYS = ("logits", "sample_ids", "labels", "chunk_done")
+N_CHUNKS = 20
+N_ROWS = N_CHUNKS * CHUNK_ROWS - 7  # a short last chunk, so the last shard is a partial edge shard
+
+
+def files_under(path: Path) -> int:
+    return sum(len(files) for _folder, _dirs, files in os.walk(path))
+
+
+def contents(path: Path) -> dict[str, bytes]:
+    """Every array's values as raw bytes (NaN-safe, dtype-exact), read with plain zarr."""
+    group = zarr.open_group(path, mode="r")
+    out = {}
+    for name in ARRAYS:
+        values = group[name][:]
+        out[name] = "\n".join(values.tolist()).encode() if name == "sample_ids" else values.tobytes()
+    return out
+
+
+def shard_index(shard: Path, chunks: int) -> np.ndarray:
+    """(chunks, 2) uint64 (offset, nbytes) per inner chunk: zarr's sharding index sits at the end, before its CRC32C."""
+    return np.frombuffer(shard.read_bytes()[-(16 * chunks + 4):-4], dtype="<u8").reshape(chunks, 2)
+
+
+def flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def unpacked(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete tiny store built in place: 20 chunks of 32 rows (the last one short), one object per chunk."""
+    ds = tiny_dataset(N_ROWS)
+    path = tmp_path_factory.mktemp("remote") / "unpacked.zarr"
+    build(path, tiny_model(), ds, attrs=tiny_attrs(ds), device=CPU, batch_size=8, chunk_rows=CHUNK_ROWS,
+          progress=False)
+    mark_complete(open_store(path, "r+"), None)
+    return path
+
+
+def repair(path: Path, chunks: list[int]) -> None:
+    build(path, tiny_model(), tiny_dataset(N_ROWS), attrs=dict(open_store(path).attrs), device=CPU, batch_size=8,
+          chunk_rows=CHUNK_ROWS, chunks=chunks, force_chunks=True, progress=False)
+
+
+def verify(path: Path) -> VerifyReport:
+    ds = tiny_dataset(N_ROWS)
+    return verify_store(open_store(path, "r+"), ds.sample_ids, tiny_model(), ds, device=CPU, fidelity_rows=64)
+
+
+def test_pack_gives_few_files_and_identical_values(unpacked: Path, tmp_path: Path):
+    packed = tmp_path / "packed.zarr"
+    written = pack(unpacked, packed)
+    # 4 arrays x (1 chunk per flag or per 32 rows) + 5 metadata files, against 4 shards + 5 metadata files
+    assert files_under(unpacked) == 4 * N_CHUNKS + 5 == 85
+    assert written == files_under(packed) == 9
+    group = zarr.open_group(packed, mode="r")  # plain zarr, no kdtrack
+    assert dict(group.attrs) == dict(zarr.open_group(unpacked, mode="r").attrs)
+    assert group["logits"].chunks == (CHUNK_ROWS, 5) and group["logits"].shards == (N_CHUNKS * CHUNK_ROWS, 5)
+    assert group["chunk_done"].chunks == (1,) and group["chunk_done"].shards == (N_CHUNKS,)
+    codecs = str(group["logits"].metadata.to_dict()["codecs"])
+    assert codecs.count("crc32c") == 2  # inner chunks and the shard index
+    assert contents(packed) == contents(unpacked)
+    table = LogitTable.open(packed)
+    assert table.chunk_rows == CHUNK_ROWS and table.num_chunks == N_CHUNKS
+    np.testing.assert_array_equal(table[np.arange(N_ROWS)].numpy(), zarr.open_group(unpacked)["logits"][:])
+    assert verify(packed).passed
+    with pytest.raises(CacheError, match="the path exists"):
+        pack(unpacked, packed)
+
+
+def test_shards_hold_whole_chunks_below_the_size_limit(unpacked: Path, tmp_path: Path):
+    packed = tmp_path / "packed.zarr"
+    # 640 B of logits per chunk and a 3000 B limit: 4 chunks (128 rows) per shard, 5 shards
+    pack(unpacked, packed, shard_bytes=3000)
+    group = zarr.open_group(packed, mode="r")
+    assert group["logits"].shards == (128, 5)
+    assert sorted(p.name for p in (packed / "logits").iterdir()) == ["c.0.0", "c.1.0", "c.2.0", "c.3.0", "c.4.0",
+                                                                      "zarr.json"]
+    assert group["labels"].shards == (320,)  # 256 B per chunk: 11 fit, so 2 even shards of 10 chunks
+    assert contents(packed) == contents(unpacked)
+    assert verify(packed).passed
+
+
+def test_one_corrupt_chunk_of_a_shard_is_repaired_alone(unpacked: Path, tmp_path: Path):
+    packed = tmp_path / "packed.zarr"
+    pack(unpacked, packed)
+    shard = packed / "logits" / "c.0.0"
+    good = shard.read_bytes()
+    offset, nbytes = shard_index(shard, N_CHUNKS)[7]
+    flip(shard, int(offset + nbytes // 2))
+    report = verify(packed)
+    assert not report.passed and report.repairable and report.chunks_to_rebuild() == [7]
+    with pytest.raises(CacheError, match="chunk 7 of .* is corrupt"):
+        LogitTable.open(packed)
+    repair(packed, [7])
+    # zarr rewrote the shard, keeping the other chunks' stored bytes: the object is byte-identical to before
+    assert shard.read_bytes() == good
+    assert verify(packed).passed and contents(packed) == contents(unpacked)
+
+
+def test_a_corrupt_shard_index_is_repaired(unpacked: Path, tmp_path: Path):
+    packed = tmp_path / "packed.zarr"
+    pack(unpacked, packed, shard_bytes=3000)
+    flip(packed / "logits" / "c.1.0", -10)  # inside the index of the shard of chunks 4..7
+    report = verify(packed)
+    assert report.chunks_to_rebuild() == [4, 5, 6, 7] and report.repairable
+    repair(packed, [5])  # only one of them: the others now read as removed, still named for repair
+    assert verify(packed).chunks_to_rebuild() == [4, 6, 7]
+    repair(packed, [4, 6, 7])
+    assert verify(packed).passed and contents(packed) == contents(unpacked)
+
+
+def test_pack_refuses_an_unreadable_store(unpacked: Path, tmp_path: Path):
+    broken = tmp_path / "broken.zarr"
+    pack(unpacked, broken, shard_bytes=1)  # one chunk per shard, like the unpacked layout
+    flip(broken / "labels" / "c.3", 5)
+    with pytest.raises(CacheError, match=r"labels rows 96\.\.127 are unreadable .* verify-cache --repair"):
+        pack(broken, tmp_path / "again.zarr", shard_bytes=1)
+
+
+def _kdtrack(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "kdtrack", *args], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _teacher_logits(client: MlflowClient, teacher: str, sample_ids: list[str], tmp: Path) -> np.ndarray:
+    """The teacher's forward on the cached ids, from its checkpoint and the data alone (no kdtrack.cache)."""
+    payload = checkpoint.load(client.download_artifacts(teacher, "checkpoints/best.pt", str(tmp)))
+    model = build_model(ModelSpec.from_dict(payload["spec"]))
+    model.load_state_dict(payload["state_dict"])
+    data = build_dataset(config.load(DIGITS).data)
+    row_of = {sid: r for r, sid in enumerate(data.sample_ids)}
+    rows = data.take(np.array([row_of[sid] for sid in sample_ids]))
+    x = rows.with_normalisation(Normalisation.from_dict(payload["normalisation"])).batch(np.arange(len(rows)))[0]
+    with torch.inference_mode():
+        return model.eval()(x).numpy()
+
+
+def test_cache_logits_and_verify_over_http(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    with mlflow_server(tmp_path) as url:
+        cache_dir = str(tmp_path / "kdtrack-cache")  # downloads and remote build staging, not the home folder
+        env = subprocess_env(MLFLOW_TRACKING_URI=url, KDTRACK_CACHE_DIR=cache_dir)
+        sets = [a for pair in (*TINY_TEACHER, "experiment=remote") for a in ("--set", pair)]
+        teacher = _kdtrack(env, tmp_path, "train-teacher", "--config", str(DIGITS), *sets).stdout.split()[-1]
+        cache_args = ("cache-logits", "--teacher-run-id", teacher, "--config", str(DIGITS),
+                      "--set", "cache.chunk_rows=64", "--set", "experiment=remote")
+        run_id = _kdtrack(env, tmp_path, *cache_args).stdout.split()[-1]
+        client = MlflowClient(tracking_uri=url)
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["kdtrack.complete"] == "true"
+        # The server's artifact root holds 4 shards + 5 metadata files, against 4 x 20 chunks + 5 unpacked.
+        (served,) = (tmp_path / "artifacts").rglob("logits.zarr")
+        chunks = zarr.open_group(served, mode="r")["chunk_done"].shape[0]
+        assert chunks >= 20 and files_under(served) == 9
+        assert not list(Path(cache_dir).glob("builds/*"))  # staging removed after the upload
+
+        local = Path(client.download_artifacts(run_id, "logits.zarr", str(tmp_path / "dl")))
+        table = LogitTable.open(local)
+        ids = zarr.open_group(local, mode="r")["sample_ids"][:].tolist()
+        expected = _teacher_logits(client, teacher, ids, tmp_path / "teacher")
+        np.testing.assert_allclose(table[np.arange(len(ids))].numpy(), expected, rtol=1e-5, atol=1e-5)
+        proc = _kdtrack(env, tmp_path, "verify-cache", "--run-id", run_id, "--recompute", "8")
+        assert proc.stdout.strip().endswith("cache verification PASSED")
+
+        # In-process from here (the same CLI, a faster test): a chunk damaged on the server is repaired over
+        # HTTP, and the re-uploaded shard replaces the old object.
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        monkeypatch.setenv("KDTRACK_CACHE_DIR", str(tmp_path / "fresh-downloads"))
+        monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+        shard = served / "logits" / "c.0.0"
+        good = shard.read_bytes()
+        offset, nbytes = shard_index(shard, chunks)[3]
+        flip(shard, int(offset + nbytes // 2))
+        result = CliRunner().invoke(main, ["verify-cache", "--run-id", run_id, "--repair", "--recompute", "8"])
+        assert result.exit_code == 0 and "repaired chunks 3" in result.stdout, result.output
+        assert shard.read_bytes() == good and files_under(served) == 9
+        assert client.get_run(run_id).data.tags["kdtrack.complete"] == "true"
+
+        result = CliRunner().invoke(main, list(cache_args))
+        assert result.exit_code == 0 and result.stdout.split()[-1] == run_id
+        assert f"reusing cache run {run_id}" in result.stderr
