@@ -124,7 +124,9 @@ def verify_cache(run_id: str, recompute: int, repair: bool, seed: int) -> None:
     for line in verdict.lines:
         click.echo(line)
     if not verdict.passed:
-        raise CacheError(f"cache run {run_id} failed verification", "rebuild the bad chunks with --repair")
+        raise CacheError(f"cache run {run_id} failed verification (see the report above)",
+                         "--repair rebuilds bad or unfinished chunks; if samples are missing, the data changed: "
+                         "build a new cache with kdtrack cache-logits")
 
 
 @main.command("recompute-logits")

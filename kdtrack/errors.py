@@ -57,3 +57,7 @@ class CacheNotFound(BadInput):
 
 class CacheError(KdtrackError):
     """A logit cache is corrupt, incomplete, stale or not a kdtrack cache."""
+
+
+class RunNotFound(TrackingError, BadInput):
+    """A run id that the tracking store does not know (exit code 2: the id is wrong, not the store)."""

@@ -18,5 +18,9 @@ def fetch(run_id: str, out: str | Path) -> list[Path]:
         raise BadInput(f"run {run_id} ({run.info.run_name}) is a {stage or 'non-kdtrack'} run with nothing to fetch",
                        f"fetch a {', '.join(REUSABLE)} run")
     target = Path(out) / run_id
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"cannot create output folder {target} ({exc.strerror or type(exc).__name__})",
+                       "pass an --out folder you can write to") from exc
     return [tracking.download_artifact(run_id, name, target) for name in REUSABLE[stage]]

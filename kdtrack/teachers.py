@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 from kdtrack import checkpoint, tracking
-from kdtrack.data import Normalisation
-from kdtrack.errors import CheckpointError, TeacherError, TrackingError
+from kdtrack.data import IndexedDataset, Normalisation
+from kdtrack.errors import CheckpointError, RunNotFound, TeacherError
 from kdtrack.models import ModelSpec, build_model
 
 TEACHER_STAGES = ("teacher",)  # stages whose runs hold checkpoints/<name>.pt a cache can be built from
@@ -53,7 +53,7 @@ def load_teacher(run_id: str, device: torch.device, which: str = "best") -> Teac
 def _teacher_run(run_id: str) -> Any:
     try:
         run = tracking.get_run(run_id)
-    except TrackingError as exc:
+    except RunNotFound as exc:
         raise TeacherError(f"teacher run {run_id} not found in {tracking.tracking_uri()}",
                            "check the id (mlflow ui lists runs) and MLFLOW_TRACKING_URI") from exc
     stage = run.data.tags.get(f"{tracking.TAG}stage")
@@ -88,3 +88,17 @@ def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], run_id
 
 def _few(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") if keys else "none"
+
+
+def check_fits(teacher: Teacher, dataset: IndexedDataset, classes: bool = True) -> None:
+    """Refuse, before any run starts, a teacher built for another input shape (or, with `classes`, another
+    class count) than the data."""
+    spec = teacher.spec
+    if tuple(spec.input_shape) != tuple(dataset.input_shape):
+        raise TeacherError(f"teacher run {teacher.run_id} takes inputs of shape {tuple(spec.input_shape)} but the "
+                           f"data's samples have shape {tuple(dataset.input_shape)}",
+                           "use the data the teacher was trained on, or train a teacher for this data")
+    if classes and spec.num_classes != dataset.num_classes:
+        raise TeacherError(f"teacher run {teacher.run_id} outputs {spec.num_classes} classes but the data has "
+                           f"{dataset.num_classes}", "use a teacher trained on these classes")
+

@@ -23,7 +23,7 @@ from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.tracking import MlflowClient
 
 from kdtrack import __version__, config
-from kdtrack.errors import TrackingError
+from kdtrack.errors import RunNotFound, TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "kdtrack."
@@ -35,8 +35,18 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+# MLflow retries an HTTP request 7 times with exponential backoff (minutes) and waits 120 s per attempt, so a
+# mistyped or stopped server would look like a hang. Unless the user set these, fail within seconds instead.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
 def configure() -> MlflowClient:
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        for key, value in _HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+    mlflow.set_tracking_uri(uri)
     return MlflowClient()
 
 
@@ -129,6 +139,7 @@ def _log_config(run: StageRun, cfg: Any) -> None:
 
 def load_run_config(run_id: str, cls: type) -> Any:
     """The resolved config a run logged as `config.yaml`."""
+    get_run(run_id)  # an unknown id is named as such, not as a run without config.yaml
     client = configure()
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -193,11 +204,15 @@ def find_runs(tags: dict[str, str], statuses: tuple[str, ...] = ("FINISHED",)) -
 
 
 def get_run(run_id: str) -> Any:
+    """The run `run_id`; RunNotFound when the store does not know it, TrackingError when the store fails."""
     try:
         return configure().get_run(run_id)
     except MlflowException as exc:
-        raise TrackingError(f"run {run_id} not found in {tracking_uri()}",
-                            "check the run id and MLFLOW_TRACKING_URI") from exc
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RunNotFound(f"run {run_id} not found in {tracking_uri()}",
+                              "check the run id and MLFLOW_TRACKING_URI") from exc
+        raise TrackingError(f"cannot read run {run_id} from {tracking_uri()}: {_first_line(exc)}",
+                            "start the server or fix MLFLOW_TRACKING_URI") from exc
 
 
 def code_version() -> str:

@@ -38,6 +38,8 @@ def apply_index_splits(ds: IndexedDataset, folder: str | Path) -> IndexedDataset
 
 def read_index_file(path: Path, n: int) -> np.ndarray:
     """Row indices listed in one `<split>_indices.json` file, checked against a dataset of n rows."""
+    if not path.is_file():
+        raise DataError(f"index-split file {path} not found", "check the path of the <split>_indices.json file")
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -194,8 +194,9 @@ def _student_terms(
     # Divided by B, not by the weight sum: masking or thresholding lowers the KD term, never rescales it.
     kd = (per_sample * weights).sum() / batch
     ce_term, kd_term = ce_weight * ce, kd_weight * kd
+    # new_full fills on the device; new_tensor would copy from the host and wait for the CUDA stream every step
     stats = torch.stack([
-        (ce_term + kd_term).detach(), ce.detach(), kd.detach(), kd.new_tensor(kd_weight), kd.new_tensor(ce_weight),
+        (ce_term + kd_term).detach(), ce.detach(), kd.detach(), kd.new_full((), kd_weight), kd.new_full((), ce_weight),
         (weights > 0).to(kd.dtype).mean(), confidence.mean().to(kd.dtype),
     ])  # (len(_STAT_NAMES),)
     return ce_term, kd_term, stats

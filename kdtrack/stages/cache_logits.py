@@ -13,7 +13,7 @@ from kdtrack import cache, engine, tracking
 from kdtrack.config import Config
 from kdtrack.data import IndexedDataset, dataset_digest, distillation_rows, student_dataset
 from kdtrack.errors import CacheError
-from kdtrack.teachers import Teacher, load_teacher
+from kdtrack.teachers import Teacher, check_fits, load_teacher
 
 STAGE = "cache"
 ARTIFACT = "logits.zarr"
@@ -28,6 +28,7 @@ def run(cfg: Config, teacher_run_id: str, *, force: bool = False, resume: bool =
     teacher = load_teacher(teacher_run_id, device, cfg.cache.checkpoint)
     rows = distillation_rows(student_dataset(cfg.data), cfg.cache.splits, cfg.cache.allow_splits,
                              cfg.cache.split_files).with_normalisation(teacher.normalisation)
+    check_fits(teacher, rows, classes=False)  # outputs may be signals of any shape; the inputs must fit
     plan = _plan(cfg, teacher, rows, device)
     if not force:
         # Same key and same teacher run: lineage stays exact even when two teacher runs hold equal weights.

@@ -15,7 +15,7 @@ from kdtrack.losses.kd import kd_loss
 from kdtrack.models import build_model, spec_from_config
 from kdtrack.stages.distillation import Distillation, build_distillation
 from kdtrack.stages.training import Saver, progress_enabled, split_loaders
-from kdtrack.teachers import Teacher, load_teacher
+from kdtrack.teachers import Teacher, check_fits, load_teacher
 
 STAGE = "student"
 T = tracking.TAG
@@ -30,6 +30,8 @@ def run(cfg: Config, teacher_run_ids: list[str] = (), *, build_missing_cache: bo
         raise BadInput(f"method {cfg.method} needs a teacher", "pass --teacher-run-id, or --set method=none")
     teachers = [load_teacher(t, device, cfg.cache.checkpoint) for t in teacher_run_ids]
     data = student_dataset(cfg.data)
+    for teacher in teachers:
+        check_fits(teacher, data, classes=cfg.kd.regression == "none")
     # A baseline learns from labels alone; a distilling student also gets the unlabelled transfer set.
     train = distillation_rows(data, cfg.cache.splits) if cfg.method != "none" else data.select(["train"])
     norm = teachers[0].normalisation if teachers else fit_normalisation(data.select(["train"]))

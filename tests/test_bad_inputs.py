@@ -1,0 +1,325 @@
+"""Bad inputs through the CLI: each ends with its own one-line error and exit code, no traceback, no run left
+RUNNING and no cache marked complete. Also: unsafe checkpoints and escaping manifest paths are refused."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from conftest import DIGITS, TINY_TEACHER, free_port, subprocess_env
+from kdtrack import checkpoint, config, tracking
+from kdtrack.cli import main
+from kdtrack.stages import train_teacher
+
+MISSING_RUN = "0123456789abcdef0123456789abcdef"
+EXPERIMENT = "bad-inputs"
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+@dataclass
+class Ctx:
+    """What the cases refer to: real runs of the session store and a scratch folder."""
+
+    teacher: str
+    victim: str  # a teacher whose checkpoint the cases damage (restored after each case)
+    cache: str
+    plain: str  # an MLflow run that kdtrack did not make
+    tmp: Path
+
+
+@pytest.fixture(scope="module")
+def ctx(digits_teacher: str, tmp_path_factory: pytest.TempPathFactory) -> Ctx:
+    victim = train_teacher.run(config.load(DIGITS, [*TINY_TEACHER, "optim.epochs=1", f"experiment={EXPERIMENT}"]))
+    code, out, err = _cli("cache-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
+                          "--set", f"experiment={EXPERIMENT}")
+    assert code == 0, err
+    client = MlflowClient()
+    plain = client.create_run(client.create_experiment(f"{EXPERIMENT}-plain")).info.run_id
+    client.set_terminated(plain, "FINISHED")
+    return Ctx(digits_teacher, victim, out.strip(), plain, tmp_path_factory.mktemp("bad"))
+
+
+# --- scratch inputs -------------------------------------------------------------------------------------------------
+
+def _manifest(c: Ctx, name: str, entries: list[dict], files: dict[str, np.ndarray] | None = None) -> str:
+    """A manifest under its own data root: 20 good digits-shaped train/val samples, then `entries`."""
+    root = c.tmp / name
+    root.mkdir()
+    good = []
+    for i in range(20):
+        np.save(root / f"s{i}.npy", np.full((1, 8, 8), i, dtype=np.float32))
+        good.append({"file": f"s{i}.npy", "label": i % 10, "split": "train" if i < 16 else "val"})
+    for rel, arr in (files or {}).items():
+        np.save(root / rel, arr)
+    path = root / "manifest.json"
+    path.write_text(json.dumps(good + entries))
+    return str(path)
+
+
+def _escaping(c: Ctx) -> str:
+    np.save(c.tmp / "outside.npy", np.zeros((1, 8, 8), dtype=np.float32))
+    return _manifest(c, "escaping", [{"file": "../outside.npy", "label": 0, "split": "train"}])
+
+
+def _symlink(c: Ctx) -> str:
+    np.save(c.tmp / "secret.npy", np.zeros((1, 8, 8), dtype=np.float32))
+    path = _manifest(c, "symlink", [{"file": "link.npy", "label": 0, "split": "train"}])
+    (c.tmp / "symlink" / "link.npy").symlink_to(c.tmp / "secret.npy")
+    return path
+
+
+def _nan(c: Ctx) -> str:
+    bad = np.zeros((1, 8, 8), dtype=np.float32)
+    bad[0, 3, 3] = np.nan
+    return _manifest(c, "nan", [{"file": "bad.npy", "label": 1, "split": "train"}], {"bad.npy": bad})
+
+
+def _file(c: Ctx, name: str, text: str) -> str:
+    (c.tmp / name).write_text(text)
+    return str(c.tmp / name)
+
+
+def _best_pt(run_id: str) -> Path:
+    return tracking.local_artifact_dir(run_id) / "checkpoints" / "best.pt"
+
+
+class _RunsCode:
+    """Unpickling this would create the file at `marker`: what a malicious checkpoint does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _tamper_weights(c: Ctx) -> None:
+    """Change one weight but keep the recorded hash, as bit rot or a careless edit would."""
+    payload = checkpoint.load(_best_pt(c.victim))
+    next(iter(payload["state_dict"].values())).view(-1)[0] += 1.0
+    checkpoint.save(_best_pt(c.victim), payload)
+
+
+def _plant_pickle(c: Ctx) -> None:
+    torch.save({"state_dict": {}, "spec": _RunsCode(c.tmp / "pwned")}, _best_pt(c.victim))
+
+
+# --- the catalogue --------------------------------------------------------------------------------------------------
+
+TEACHER, STUDENT = ("cache-logits", "--config", str(DIGITS)), ("train-student", "--config", str(DIGITS))
+Args = Callable[[Ctx], list[str]]
+
+
+def _case(id_: str, code: int, text: str, args: Args, setup: Callable[[Ctx], None] | None = None):
+    return pytest.param(code, text, args, setup, id=id_)
+
+
+def _manifest_case(id_: str, text: str, make: Callable[[Ctx], str]):
+    return _case(id_, 2, text, lambda c: ["cache-logits", "--teacher-run-id", c.teacher, "--set", "data.source=manifest",
+                                          "--set", f"data.manifest={make(c)}"])
+
+
+CASES = [
+    # run ids
+    _case("teacher-unknown", 2, f"teacher run {MISSING_RUN} not found",
+          lambda c: [*TEACHER, "--teacher-run-id", MISSING_RUN]),
+    _case("teacher-is-cache-run", 2, "is a cache run, not a teacher",
+          lambda c: [*TEACHER, "--teacher-run-id", c.cache]),
+    _case("student-teacher-not-kdtrack", 2, "is not a kdtrack run, not a teacher",
+          lambda c: [*STUDENT, "--teacher-run-id", c.plain]),
+    _case("verify-unknown-run", 2, f"run {MISSING_RUN} not found in",
+          lambda c: ["verify-cache", "--run-id", MISSING_RUN]),
+    _case("verify-teacher-run", 2, "is a teacher run, not a cache",
+          lambda c: ["verify-cache", "--run-id", c.teacher]),
+    _case("lineage-unknown-run", 2, f"run {MISSING_RUN} not found in", lambda c: ["lineage", MISSING_RUN]),
+    _case("fetch-unknown-run", 2, f"run {MISSING_RUN} not found in",
+          lambda c: ["fetch", "--run-id", MISSING_RUN, "--out", str(c.tmp / "f")]),
+    _case("fetch-not-kdtrack-run", 2, "is a non-kdtrack run with nothing to fetch",
+          lambda c: ["fetch", "--run-id", c.plain, "--out", str(c.tmp / "f")]),
+    _case("resume-teacher-unknown", 2, f"run {MISSING_RUN} not found in",
+          lambda c: ["train-teacher", "--resume", MISSING_RUN]),
+    _case("resume-student-unknown", 2, f"run {MISSING_RUN} not found in",
+          lambda c: ["train-student", "--resume", MISSING_RUN]),
+    _case("resume-with-overrides", 2, "--resume takes the run's own config",
+          lambda c: ["train-teacher", "--resume", c.teacher, "--set", "seed=1"]),
+    # checkpoints
+    _case("checkpoint-missing", 2, "has no checkpoint 'best' (it has: last)",
+          lambda c: [*TEACHER, "--teacher-run-id", c.victim], lambda c: _best_pt(c.victim).unlink()),
+    _case("checkpoint-truncated", 1, "is corrupt or truncated",
+          lambda c: [*TEACHER, "--teacher-run-id", c.victim], lambda c: _best_pt(c.victim).write_bytes(b"PK\x03\x04")),
+    _case("checkpoint-weights-changed", 1, "is corrupt: weights hash",
+          lambda c: [*TEACHER, "--teacher-run-id", c.victim], _tamper_weights),
+    _case("checkpoint-pickle-payload", 1, "was refused as unsafe",
+          lambda c: [*TEACHER, "--teacher-run-id", c.victim], _plant_pickle),
+    # data and student
+    _case("wrong-class-count", 2, "outputs 10 classes but the data has 5",
+          lambda c: [*STUDENT, "--teacher-run-id", c.teacher, "--set", "teacher_mode=online",
+                     "--set", "data.source=synthetic", "--set", "data.num_classes=5", "--set", "data.num_samples=200"]),
+    _case("wrong-input-shape", 2, "takes inputs of shape (1, 8, 8) but the data's samples have shape (1, 4, 4)",
+          lambda c: [*STUDENT, "--teacher-run-id", c.teacher, "--set", "teacher_mode=online",
+                     "--set", "data.source=synthetic", "--set", "data.input_shape=[1,4,4]",
+                     "--set", "data.num_samples=200"]),
+    _case("student-no-cache-for-digest", 2, "no finished cache for teacher run",
+          lambda c: [*STUDENT, "--teacher-run-id", c.teacher, "--set", "data.seed=9"]),
+    _case("student-kd-without-teacher", 2, "method kd needs a teacher", lambda c: [*STUDENT]),
+    _case("feature-method-cached", 2, "method rkd reads the teacher's features",
+          lambda c: [*STUDENT, "--teacher-run-id", c.teacher, "--set", "method=rkd"]),
+    _case("fusion-weight-count", 2, "kd.fusion=weighted needs 1 weights, got 3",
+          lambda c: [*STUDENT, "--teacher-run-id", c.teacher, "--set", "kd.fusion=weighted",
+                     "--set", "kd.fusion_weights=[1,2,3]"]),
+    _case("kd-unknown-domain", 2, "kd.domain='night' is not a domain of the training data",
+          lambda c: [*STUDENT, "--teacher-run-id", c.teacher, "--set", "kd.domain=night"]),
+    _case("split-leakage", 2, "is in split 'test', which is held out from distillation",
+          lambda c: [*TEACHER, "--teacher-run-id", c.teacher, "--split", "train", "--split", "test"]),
+    _case("split-not-in-data", 2, "split 'calibration' is not in this digits dataset",
+          lambda c: [*TEACHER, "--teacher-run-id", c.teacher, "--split", "calibration", "--allow-split", "calibration"]),
+    _case("recompute-missing-index-file", 2, "nope_indices.json not found",
+          lambda c: ["recompute-logits", "--config", str(DIGITS), "--teacher-run-id", c.teacher,
+                     "--splits", str(c.tmp / "nope_indices.json")]),
+    _case("index-splits-folder-missing", 2, "index-split folder",
+          lambda c: ["train-teacher", "--config", str(DIGITS), "--set", f"data.index_splits={c.tmp / 'no-such'}"]),
+    _case("synthetic-one-class", 2, "synthetic needs at least 2 classes",
+          lambda c: ["train-teacher", "--set", "data.source=synthetic", "--set", "data.num_classes=1"]),
+    _case("student-labels-out-of-range", 2, "data.student_labels=1.5 is outside (0, 1]",
+          lambda c: [*STUDENT, "--set", "method=none", "--set", "data.student_labels=1.5"]),
+    # manifests
+    _manifest_case("manifest-escaping-path", "points outside the data root", _escaping),
+    _manifest_case("manifest-absolute-path", "has an absolute file path",
+                   lambda c: _manifest(c, "absolute", [{"file": str(c.tmp / "x.npy"), "label": 0, "split": "train"}])),
+    _manifest_case("manifest-symlink-outside", "points outside the data root", _symlink),
+    _manifest_case("manifest-missing-file", "1 of 21 feature files are missing",
+                   lambda c: _manifest(c, "missing", [{"file": "gone.npy", "label": 0, "split": "train"}])),
+    _manifest_case("manifest-bad-split", "has unknown split 'trian'",
+                   lambda c: _manifest(c, "split", [{"file": "s0.npy", "label": 0, "split": "trian"}])),
+    _manifest_case("manifest-bad-label", "has label 12 out of range 0..9",
+                   lambda c: _manifest(c, "label", [{"file": "x.npy", "label": 12, "split": "train"}],
+                                       {"x.npy": np.zeros((1, 8, 8), dtype=np.float32)})),
+    _manifest_case("manifest-nan-feature", "contains NaN or Inf feature values", _nan),
+    _manifest_case("manifest-not-json", "is not valid JSON", lambda c: _file(c, "broken.json", '[{"file": ')),
+    # config
+    _case("config-unknown-key", 2, "unknown config key optim.lrr",
+          lambda c: ["train-teacher", "--set", "optim.lrr=0.1"]),
+    _case("config-bad-type", 2, "optim.epochs must be int, got str 'ten'",
+          lambda c: ["train-teacher", "--set", "optim.epochs=ten"]),
+    _case("config-bad-choice", 2, "cache.dtype='float64' is not allowed",
+          lambda c: [*TEACHER, "--teacher-run-id", c.teacher, "--set", "cache.dtype=float64"]),
+    _case("config-not-key-value", 2, "override 'seed' is not of the form key=value",
+          lambda c: ["train-teacher", "--set", "seed"]),
+    _case("config-file-missing", 2, "config file nope.yaml not found",
+          lambda c: ["train-teacher", "--config", "nope.yaml"]),
+    _case("config-bad-yaml", 2, "is not valid YAML",
+          lambda c: ["train-teacher", "--config", _file(c, "bad.yaml", "optim: [1,\n")]),
+    _case("config-section-as-value", 2, "optim is a section, not a value",
+          lambda c: ["train-teacher", "--set", "optim=3"]),
+    _case("pipeline-unknown-method", 2, "method='distil' is not allowed",
+          lambda c: ["pipeline", "--config", str(DIGITS), "--students", "kd,distil"]),
+    _case("sweep-bad-seeds", 2, "--seeds 'a,b' is not a list of integers",
+          lambda c: ["sweep", "--config", str(DIGITS), "--seeds", "a,b"]),
+    # output
+    _case("fetch-out-under-a-file", 2, "cannot create output folder",
+          lambda c: ["fetch", "--run-id", c.teacher, "--out", _file(c, "a-file", "") + "/models"]),
+]
+
+
+def _complete_caches() -> tuple[set[str], set[Path]]:
+    """Cache runs tagged complete, and logits.zarr stores whose attributes say complete, in the whole store."""
+    runs = {r.info.run_id for r in tracking.find_runs({"kdtrack.complete": "true"},
+                                                      statuses=("RUNNING", "FINISHED", "FAILED", "KILLED"))}
+    stores = {p.parent for p in Path.cwd().rglob("logits.zarr/zarr.json")
+              if json.loads(p.read_text()).get("attributes", {}).get("complete") is True}
+    return runs, stores
+
+
+def _running() -> list[str]:
+    client = MlflowClient()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return [r.info.run_id for r in client.search_runs(ids, "attributes.status = 'RUNNING'")]
+
+
+def _assert_one_line_error(err: str, text: str) -> None:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert " — " in errors[0] and text in errors[0], err
+
+
+@pytest.mark.parametrize(("code", "text", "args", "setup"), CASES)
+def test_bad_input(ctx: Ctx, code: int, text: str, args: Args, setup: Callable[[Ctx], None] | None):
+    best = _best_pt(ctx.victim)
+    kept = best.read_bytes()
+    before = _complete_caches()
+    try:
+        if setup:
+            setup(ctx)
+        exit_code, _out, err = _cli(*args(ctx))
+    finally:
+        best.write_bytes(kept)
+    _assert_one_line_error(err, text)
+    assert exit_code == code, err
+    assert _running() == []
+    runs, stores = _complete_caches()
+    assert runs <= before[0] and stores <= before[1]
+
+
+def test_catalogue_is_large_and_distinct():
+    assert len(CASES) >= 25
+    assert len({p.values[1] for p in CASES}) >= 25
+
+
+def test_pickle_payload_never_runs(ctx: Ctx):
+    marker = ctx.tmp / "pwned"
+    best = _best_pt(ctx.victim)
+    kept = best.read_bytes()
+    try:
+        _plant_pickle(ctx)
+        code, _out, err = _cli(*TEACHER, "--teacher-run-id", ctx.victim)
+    finally:
+        best.write_bytes(kept)
+    assert code == 1 and not marker.exists()
+    _assert_one_line_error(err, f"checkpoint {best} was refused as unsafe")
+
+
+@pytest.mark.parametrize("command", [["lineage", MISSING_RUN],
+                                     ["train-student", "--set", "method=none", "--set", "student.optim.epochs=1"]],
+                         ids=["lineage", "train-student"])
+def test_unreachable_tracking_server_fails_fast(command: list[str], store: str):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = subprocess_env(MLFLOW_TRACKING_URI=uri)
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        env.pop(key, None)
+    out = subprocess.run([sys.executable, "-m", "kdtrack", *command], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 1, out.stderr
+    _assert_one_line_error(out.stderr, uri)
+    assert "start the server or fix MLFLOW_TRACKING_URI" in out.stderr
+    assert _running() == []
+
+
+def test_verify_cache_after_the_data_changed(ctx: Ctx):
+    """A cache built for one manifest, verified after a sample was added to it: coverage fails, store incomplete."""
+    path = Path(_manifest(ctx, "grows", []))
+    code, out, err = _cli("cache-logits", "--teacher-run-id", ctx.teacher, "--set", "data.source=manifest",
+                          "--set", f"data.manifest={path}", "--set", f"experiment={EXPERIMENT}")
+    assert code == 0, err
+    run_id = out.strip()
+    np.save(path.parent / "new.npy", np.ones((1, 8, 8), dtype=np.float32))
+    path.write_text(json.dumps([*json.loads(path.read_text()), {"file": "new.npy", "label": 3, "split": "train"}]))
+    code, out, err = _cli("verify-cache", "--run-id", run_id, "--recompute", "4")
+    assert code == 1 and "new.npy" in out, out
+    _assert_one_line_error(err, f"cache run {run_id} failed verification")
+    assert MlflowClient().get_run(run_id).data.tags["kdtrack.complete"] == "false"
+    assert _running() == []
