@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean server server-stop
 
 install: $(INSTALLED)
 
@@ -24,6 +24,17 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q
+
+# CPU performance suite, a few minutes: writes benchmarks/results/<date>-<host>.json and prints the table.
+bench: $(INSTALLED)
+	$(PY) -m benchmarks
+
+# Team tracking on this machine: PostgreSQL + mlflow server on 127.0.0.1, state and logs in .server/ (scripts/server.sh).
+server: $(INSTALLED)
+	MLFLOW=$(abspath $(VENV))/bin/mlflow scripts/server.sh start
+
+server-stop:
+	scripts/server.sh stop
 
 clean:
 	rm -rf $(VENV) mlflow.db mlruns
