@@ -94,3 +94,23 @@ def digits_teacher(store: str) -> str:
     from kdtrack.stages import train_teacher
 
     return train_teacher.run(config.load(DIGITS, [*TINY_TEACHER, "experiment=fixtures"]))
+
+
+@contextlib.contextmanager
+def interrupted_after_epoch(epoch: int):
+    """Training raises KeyboardInterrupt (a Ctrl-C) right after `epoch` is checkpointed, inside this block."""
+    from kdtrack.stages import training
+
+    original = training.Saver.on_epoch_end
+
+    def interrupt(self, current: int, metrics: dict) -> None:
+        original(self, current, metrics)
+        if current == epoch:
+            raise KeyboardInterrupt
+
+    training.Saver.on_epoch_end = interrupt
+    try:
+        yield
+    finally:
+        training.Saver.on_epoch_end = original
+

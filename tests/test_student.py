@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from conftest import DIGITS, REPO, TINY_TEACHER, subprocess_env
+from conftest import DIGITS, REPO, TINY_TEACHER, interrupted_after_epoch, subprocess_env
 from kdtrack import checkpoint, config, tracking
 from kdtrack.cli import main
 from kdtrack.data import dataset_digest, distillation_rows, student_dataset
@@ -155,23 +155,11 @@ def test_unknown_domain_is_refused(digits_teacher: str, digits_cache_run: str):
     assert code == 2 and "kd.domain='city-b' is not a domain of the training data" in err
 
 
-def test_student_resume_reaches_the_same_weights(digits_teacher: str, digits_cache_run: str,
-                                                 monkeypatch: pytest.MonkeyPatch):
-    from kdtrack.stages import training
-
+def test_student_resume_reaches_the_same_weights(digits_teacher: str, digits_cache_run: str):
     cfg = config.load(DIGITS, [*STUDENT, "student.optim.epochs=3", "experiment=student-resume"])
     straight = train_student.run(cfg, [digits_teacher])
-    original = training.Saver.on_epoch_end
-
-    def interrupt(self, epoch, metrics):
-        original(self, epoch, metrics)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training.Saver, "on_epoch_end", interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_epoch(1), pytest.raises(KeyboardInterrupt):
         train_student.run(cfg, [digits_teacher])
-    monkeypatch.setattr(training.Saver, "on_epoch_end", original)
     client = MlflowClient()
     (killed,) = client.search_runs([client.get_experiment_by_name("student-resume").experiment_id],
                                    "attributes.status = 'KILLED'")

@@ -10,12 +10,12 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from conftest import DIGITS, REPO, TINY_TEACHER, subprocess_env
+from conftest import DIGITS, REPO, TINY_TEACHER, interrupted_after_epoch, subprocess_env
 from kdtrack import checkpoint, config, engine
 from kdtrack.cli import main
 from kdtrack.data import build_dataset, dataset_digest, make_loader
 from kdtrack.models import ModelSpec, build_model
-from kdtrack.stages import train_teacher, training
+from kdtrack.stages import train_teacher
 
 
 def _cli(*args: str) -> tuple[int, str, str]:
@@ -106,24 +106,15 @@ def test_bad_input_exits_2_without_a_run(store: str):
     assert MlflowClient().get_experiment_by_name("never-created") is None
 
 
-def test_resume_continues_the_same_run_to_the_same_weights(store: str, monkeypatch: pytest.MonkeyPatch):
+def test_resume_continues_the_same_run_to_the_same_weights(store: str):
     overrides = [*TINY_TEACHER, "optim.epochs=4", "model.dropout=0.2", "experiment=resume"]
     straight = train_teacher.run(config.load(DIGITS, overrides))
 
-    original = training.Saver.on_epoch_end
-
-    def interrupt_after_epoch_1(self, epoch, metrics):
-        original(self, epoch, metrics)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training.Saver, "on_epoch_end", interrupt_after_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_epoch(1), pytest.raises(KeyboardInterrupt):
         train_teacher.run(config.load(DIGITS, overrides))
     client = MlflowClient()
     (interrupted,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id],
                                         "attributes.status = 'KILLED'")
-    monkeypatch.setattr(training.Saver, "on_epoch_end", original)
 
     code, out, err = _cli("train-teacher", "--resume", interrupted.info.run_id)
     assert code == 0, err

@@ -13,7 +13,7 @@ from kdtrack.data import IndexedDataset, dataset_digest, distillation_rows, fit_
 from kdtrack.errors import BadInput
 from kdtrack.losses.kd import kd_loss
 from kdtrack.models import build_model, spec_from_config
-from kdtrack.stages.distillation import Distillation, build_distillation
+from kdtrack.stages.distillation import build_distillation
 from kdtrack.stages.training import Saver, progress_enabled, split_loaders
 from kdtrack.teachers import Teacher, check_fits, load_teacher
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from kdtrack import checkpoint, engine, tracking
+from kdtrack import checkpoint, tracking
 from kdtrack.config import Config
 from kdtrack.data import IndexedDataset, make_loader
 from kdtrack.errors import CheckpointError
