@@ -1,15 +1,17 @@
 """Cache a teacher's logits over the distillation rows of cfg.data into the run artifact `logits.zarr`."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kdtrack import cache, engine, tracking
+from kdtrack import cache, distributed, engine, tracking
 from kdtrack.config import Config
 from kdtrack.data import IndexedDataset, dataset_digest, distillation_rows, student_dataset
 from kdtrack.errors import CacheError
@@ -23,21 +25,65 @@ T = tracking.TAG
 def run(cfg: Config, teacher_run_id: str, *, force: bool = False, resume: bool = True) -> str:
     """Cache `teacher_run_id`'s logits for cfg.data into the artifact `logits.zarr`; return the cache run id.
 
-    A FINISHED complete cache with the same key is reused (unless `force`); an unfinished one is resumed."""
-    device = engine.resolve_device(cfg.device)
+    A FINISHED complete cache with the same key is reused (unless `force`); an unfinished one is resumed.
+    Under torchrun every rank fills its own chunks of the one store and rank 0 owns the run."""
+    device = distributed.device_for(engine.resolve_device(cfg.device))
+    if distributed.is_distributed():
+        with distributed.process_group(device):
+            if distributed.rank() == 0:
+                return _lead(cfg, teacher_run_id, device, force=force, resume=resume)
+            return _follow(cfg, teacher_run_id, device)
+    teacher, rows, plan = _prepare(cfg, teacher_run_id, device)
+    reused = None if force else _reusable(teacher, plan)
+    if reused is not None:
+        return reused
+    with _cache_run(cfg, teacher, rows, plan, resume) as tracked:
+        _build_and_verify(cfg, tracked, teacher, rows, plan, device, resume=resume and not force)
+        return tracked.run_id
+
+
+def run_many(cfg: Config, teacher_run_ids: list[str], *, force: bool = False, resume: bool = True) -> list[str]:
+    """One cache run per teacher, nested under one parent run when there are several.
+
+    Under torchrun only rank 0 returns the ids; the other ranks fill chunks and return []."""
+    with distributed.process_group(distributed.device_for(engine.resolve_device(cfg.device))):
+        if distributed.rank() != 0:
+            for teacher_run_id in teacher_run_ids:
+                run(cfg, teacher_run_id, force=force, resume=resume)
+            return []
+        if len(teacher_run_ids) == 1:
+            return [run(cfg, teacher_run_ids[0], force=force, resume=resume)]
+        with tracking.stage_run("cache-group", cfg, run_name=f"cache-{len(teacher_run_ids)}-teachers",
+                                description=f"Logit caches of teachers {', '.join(teacher_run_ids)}.") as parent:
+            ids = [run(cfg, t, force=force, resume=resume) for t in teacher_run_ids]
+            parent.set_tags({f"{T}teacher_run_ids": ",".join(teacher_run_ids), f"{T}cache_run_ids": ",".join(ids)})
+        return ids
+
+
+def _prepare(cfg: Config, teacher_run_id: str, device: torch.device) -> tuple[Teacher, IndexedDataset, _Plan]:
     teacher = load_teacher(teacher_run_id, device, cfg.cache.checkpoint)
     rows = distillation_rows(student_dataset(cfg.data), cfg.cache.splits, cfg.cache.allow_splits,
                              cfg.cache.split_files).with_normalisation(teacher.normalisation)
     check_fits(teacher, rows, classes=False)  # outputs may be signals of any shape; the inputs must fit
-    plan = _plan(cfg, teacher, rows, device)
-    if not force:
-        # Same key and same teacher run: lineage stays exact even when two teacher runs hold equal weights.
-        same = {f"{T}cache_key": plan.key, f"{T}teacher_run_id": teacher.run_id}
-        for done in tracking.find_runs({**same, f"{T}complete": "true"}):
-            print(f"reusing cache run {done.info.run_id} (key {plan.key[:12]}): same teacher checkpoint, "
-                  "same data; pass --force to rebuild", file=sys.stderr)
-            tracking.note_reuse(STAGE, done.info.run_id)
-            return done.info.run_id
+    return teacher, rows, _plan(cfg, teacher, rows, device)
+
+
+def _reusable(teacher: Teacher, plan: _Plan) -> str | None:
+    """A FINISHED complete cache run of the same key and teacher run, announced on stderr."""
+    # Same key and same teacher run: lineage stays exact even when two teacher runs hold equal weights.
+    same = {f"{T}cache_key": plan.key, f"{T}teacher_run_id": teacher.run_id}
+    for done in tracking.find_runs({**same, f"{T}complete": "true"}):
+        print(f"reusing cache run {done.info.run_id} (key {plan.key[:12]}): same teacher checkpoint, "
+              "same data; pass --force to rebuild", file=sys.stderr)
+        tracking.note_reuse(STAGE, done.info.run_id)
+        return done.info.run_id
+    return None
+
+
+@contextlib.contextmanager
+def _cache_run(cfg: Config, teacher: Teacher, rows: IndexedDataset, plan: _Plan,
+               resume: bool) -> Iterator[tracking.StageRun]:
+    """The cache run: an unfinished one of the same key when resuming, else a new one."""
     unfinished = tracking.find_runs({f"{T}cache_key": plan.key, f"{T}teacher_run_id": teacher.run_id},
                                     statuses=("RUNNING", "FAILED", "KILLED"))
     resume_id = unfinished[0].info.run_id if resume and unfinished else None
@@ -50,19 +96,7 @@ def run(cfg: Config, teacher_run_id: str, *, force: bool = False, resume: bool =
         if resume_id is None:
             tracked.log_dataset(name=rows.source, digest=plan.digest, context="cache",
                                 source={"source": rows.source, "splits": ",".join(rows.split_counts())})
-        _build_and_verify(cfg, tracked, teacher, rows, plan, device, resume=resume and not force)
-        return tracked.run_id
-
-
-def run_many(cfg: Config, teacher_run_ids: list[str], *, force: bool = False, resume: bool = True) -> list[str]:
-    """One cache run per teacher, nested under one parent run when there are several."""
-    if len(teacher_run_ids) == 1:
-        return [run(cfg, teacher_run_ids[0], force=force, resume=resume)]
-    with tracking.stage_run("cache-group", cfg, run_name=f"cache-{len(teacher_run_ids)}-teachers",
-                            description=f"Logit caches of teachers {', '.join(teacher_run_ids)}.") as parent:
-        ids = [run(cfg, t, force=force, resume=resume) for t in teacher_run_ids]
-        parent.set_tags({f"{T}teacher_run_ids": ",".join(teacher_run_ids), f"{T}cache_run_ids": ",".join(ids)})
-    return ids
+        yield tracked
 
 
 @dataclass(frozen=True)
@@ -92,35 +126,119 @@ def _plan(cfg: Config, teacher: Teacher, rows: IndexedDataset, device: torch.dev
 
 def _build_and_verify(cfg: Config, tracked: tracking.StageRun, teacher: Teacher, rows: IndexedDataset,
                       plan: _Plan, device: torch.device, *, resume: bool) -> None:
-    local_dir = tracking.local_artifact_dir(tracked.run_id)
-    path = (local_dir if local_dir else tracking.download_dir() / "builds" / plan.key) / ARTIFACT
+    path = _store_path(tracked.run_id, plan)
+    stats = _fill(cfg, path, teacher, rows, plan, device, resume=resume, prior=_prior_rows(plan, rows))
+    _finish(cfg, tracked, path, teacher, rows, stats, device)
+
+
+def _store_path(run_id: str, plan: _Plan) -> Path:
+    local_dir = tracking.local_artifact_dir(run_id)
+    return (local_dir if local_dir else tracking.download_dir() / "builds" / plan.key) / ARTIFACT
+
+
+def _fill(cfg: Config, path: Path, teacher: Teacher, rows: IndexedDataset, plan: _Plan, device: torch.device, *,
+          resume: bool, prior: cache.PriorRows | None, chunks: list[int] | None = None) -> cache.BuildStats:
     attrs = {"teacher_run_id": teacher.run_id, "checkpoint_sha256": teacher.checkpoint_sha256,
              "dataset_digest": plan.digest, "cache_key": plan.key, "splits": list(plan.splits),
              "normalisation": teacher.normalisation.to_dict(), "model_spec": teacher.spec.to_dict(),
              "num_classes": teacher.spec.num_classes if len(plan.output_shape) == 1 else None}
-    amp = engine.amp_dtype(cfg.train.amp, device)
-    stats = cache.build(path, teacher.model, rows, attrs=attrs, device=device, batch_size=cfg.cache.batch_size,
-                        amp_dtype=amp, dtype=cfg.cache.dtype, chunk_rows=cfg.cache.chunk_rows or None,
-                        resume=resume, prior=_prior_rows(plan, rows), progress=_progress(cfg))
+    return cache.build(path, teacher.model, rows, attrs=attrs, device=device, batch_size=cfg.cache.batch_size,
+                       amp_dtype=engine.amp_dtype(cfg.train.amp, device), dtype=cfg.cache.dtype,
+                       chunk_rows=cfg.cache.chunk_rows or None, resume=resume, chunks=chunks, prior=prior,
+                       progress=_progress(cfg))
+
+
+def _finish(cfg: Config, tracked: tracking.StageRun, path: Path, teacher: Teacher, rows: IndexedDataset,
+            stats: cache.BuildStats, device: torch.device, extra: dict[str, float] | None = None) -> None:
+    """Verify the filled store, mark it complete, upload it when the artifact store is remote, log metrics."""
     store = cache.open_store(path, mode="r+")
     check_rows = np.random.default_rng(cfg.seed).permutation(len(rows))[: cfg.cache.verify_rows]
     report = cache.verify_store(store, rows.sample_ids, teacher.model, rows, fidelity_rows=check_rows,
-                                device=device, amp_dtype=amp)
+                                device=device, amp_dtype=engine.amp_dtype(cfg.train.amp, device))
     if not report.passed:
         raise CacheError(f"cache verification failed: {'; '.join(report.failures())}",
                          "run again to rebuild the chunks that are not done, or with --no-resume")
     cache.mark_complete(store, report.fidelity_dict())
     size = cache.store_nbytes(path)
-    if local_dir is None:
+    if tracking.local_artifact_dir(tracked.run_id) is None:
         size = upload_store(tracked, path)
         shutil.rmtree(path.parent, ignore_errors=True)
     tracked.log_metrics({"build/seconds": stats.seconds, "build/rows_per_s": stats.rows_per_s,
                          "build/rows_computed": stats.rows_computed, "build/rows_copied": stats.rows_copied,
                          "build/batch_size": stats.batch_size_used, "cache/bytes": size,
-                         "cache/bytes_per_sample": size / max(len(rows), 1), **report.metrics()}, step=0)
+                         "cache/bytes_per_sample": size / max(len(rows), 1), **report.metrics(), **(extra or {})},
+                        step=0)
     tracked.set_tags({f"{T}complete": "true"})
     print(f"cache run {tracked.run_id}: {len(rows)} rows ({stats.rows_computed} computed, "
           f"{stats.rows_copied} copied) at {stats.rows_per_s:.0f} rows/s; verified", file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What rank 0 tells the other ranks: the run, and the store to fill (None when a cache was reused)."""
+
+    run_id: str = ""
+    path: Path | None = None
+    key: str = ""
+    prior: cache.PriorRows | None = None
+    error: str = ""
+
+
+def _lead(cfg: Config, teacher_run_id: str, device: torch.device, *, force: bool, resume: bool) -> str:
+    """Rank 0: resolve the plan, own the run and create the store, fill its chunks, then verify and finish."""
+    with contextlib.ExitStack() as stack:
+        try:
+            teacher, rows, plan = _prepare(cfg, teacher_run_id, device)  # downloads before the others read
+            reused = None if force else _reusable(teacher, plan)
+            if reused is None:
+                tracked = stack.enter_context(_cache_run(cfg, teacher, rows, plan, resume))
+                path, prior = _store_path(tracked.run_id, plan), _prior_rows(plan, rows)
+                _fill(cfg, path, teacher, rows, plan, device, resume=resume and not force, prior=prior, chunks=[])
+        except Exception as exc:
+            distributed.broadcast_object(_Job(error=f"{type(exc).__name__}: {exc}"))
+            raise
+        if reused is not None:
+            distributed.broadcast_object(_Job(run_id=reused))
+            return reused
+        distributed.broadcast_object(_Job(run_id=tracked.run_id, path=path, key=plan.key, prior=prior))
+        stats = _fill_owned(cfg, path, teacher, rows, plan, device, prior)
+        every = distributed.gather_objects(stats)  # also the barrier: every rank's chunks are on disk
+        per_rank = {f"build/chunks_rank{r}": s.chunks_written for r, s in enumerate(every)}
+        _finish(cfg, tracked, path, teacher, rows, _combined(every), device, extra=per_rank)
+        return tracked.run_id
+
+
+def _follow(cfg: Config, teacher_run_id: str, device: torch.device) -> str:
+    """Rank > 0: wait for rank 0's plan, fill this rank's chunks of its store; never writes to the tracking store."""
+    job: _Job = distributed.broadcast_object(None)
+    if job.error:
+        raise CacheError(f"rank 0 failed before the build: {job.error}", "see rank 0's error above and fix that")
+    if job.path is None:
+        return job.run_id
+    teacher, rows, plan = _prepare(cfg, teacher_run_id, device)
+    if plan.key != job.key:
+        raise CacheError(f"rank {distributed.rank()} computed cache key {plan.key[:12]}, rank 0 {job.key[:12]}",
+                         "give every rank the same config, data and teacher run")
+    distributed.gather_objects(_fill_owned(cfg, job.path, teacher, rows, plan, device, job.prior))
+    return job.run_id
+
+
+def _fill_owned(cfg: Config, path: Path, teacher: Teacher, rows: IndexedDataset, plan: _Plan, device: torch.device,
+                prior: cache.PriorRows | None) -> cache.BuildStats:
+    """Compute this rank's not-done chunks (c % world_size == rank) of the store rank 0 created."""
+    mine = distributed.owned_chunks(cache.num_chunks(cache.open_store(path)))
+    stats = _fill(cfg, path, teacher, rows, plan, device, resume=True, prior=prior, chunks=mine)
+    print(f"rank {distributed.rank()}/{distributed.world_size()}: wrote {stats.chunks_written} of its "
+          f"{len(mine)} chunks ({stats.rows_computed} rows computed)", file=sys.stderr)
+    return stats
+
+
+def _combined(every: list[cache.BuildStats]) -> cache.BuildStats:
+    """One build's stats from every rank's: rows add up, the ranks ran side by side."""
+    computed = sum(s.rows_computed for s in every)
+    seconds = max(s.seconds for s in every)
+    return cache.BuildStats(computed, sum(s.rows_copied for s in every), sum(s.chunks_written for s in every),
+                            seconds, computed / seconds if computed else 0.0, min(s.batch_size_used for s in every))
 
 
 def upload_store(tracked: tracking.StageRun, path: Path) -> int:

@@ -1,0 +1,96 @@
+"""Process-group helpers for `torchrun`: one process per rank, rank 0 owns tracking, the others only compute.
+
+Without `WORLD_SIZE` > 1 in the environment every helper acts as for a single process (rank 0 of 1).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True when launched by torchrun (or similar) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def rank() -> int:
+    """This process's rank; 0 outside a distributed launch."""
+    return int(os.environ.get("RANK", "0")) if is_distributed() else 0
+
+
+def world_size() -> int:
+    """Number of processes; 1 outside a distributed launch."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    """This process's index on its machine; picks its CUDA device."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def device_for(device: torch.device) -> torch.device:
+    """`device` with its CUDA index set to this rank's local GPU; unchanged for CPU or a single process."""
+    if device.type == "cuda" and is_distributed():
+        return torch.device("cuda", local_rank())
+    return device
+
+
+def init(device: torch.device) -> bool:
+    """Join the process group (NCCL on CUDA, gloo on CPU) when distributed; return whether this call joined it."""
+    if not is_distributed() or dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device_for(device))  # NCCL collectives run on the current device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def destroy() -> None:
+    """Leave the process group, if joined."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[None]:
+    """Joined process group for the block when distributed; left again only if this block joined it."""
+    joined = init(device)
+    try:
+        yield
+    finally:
+        if joined:
+            destroy()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """`obj` of rank `src` on every rank (picklable); the object itself outside a process group."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj if rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank; `[obj]` outside a process group."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    """Wait until every rank gets here; no-op outside a process group."""
+    if dist.is_initialized():
+        dist.barrier(device_ids=[local_rank()] if dist.get_backend() == "nccl" else None)
+
+
+def owned_chunks(n_chunks: int) -> list[int]:
+    """The chunks this rank computes: chunk c belongs to rank c % world_size (all of them for one process)."""
+    return list(range(rank(), n_chunks, world_size()))
