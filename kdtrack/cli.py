@@ -38,8 +38,15 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                         help="YAML file of overrides over the defaults, e.g. experiments/digits.yaml.")(fn)
 
 
-def load_config(config_path: str | None, sets: tuple[str, ...], overrides: str) -> config.Config:
-    return config.load(config_path, [*overrides.split(), *sets])
+def load_config(config_path: str | None, sets: tuple[str, ...], overrides: str,
+                extra: list[str] | None = None) -> config.Config:
+    """The config file, then --overrides, then --set, then options that a command maps onto config keys."""
+    return config.load(config_path, [*overrides.split(), *sets, *(extra or [])])
+
+
+def run_ids(values: tuple[str, ...]) -> list[str]:
+    """Run ids from repeated options, each of which may also hold several ids separated by commas or spaces."""
+    return [run_id for raw in values for run_id in raw.replace(",", " ").split()]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -102,9 +109,8 @@ def cache_logits(config_path: str | None, sets: tuple[str, ...], overrides: str,
     """Cache teacher logits into a Zarr store logged as the run artifact logits.zarr; prints the cache run ids."""
     from kdtrack.stages import cache_logits as stage
 
-    cfg = config.load(config_path, [*overrides.split(), *sets, *_cache_overrides(dtype, checkpoint, splits, allow)])
-    ids = [t for raw in teacher_run_ids for t in raw.replace(",", " ").split()]
-    for run_id in stage.run_many(cfg, ids, force=force, resume=not no_resume):
+    cfg = load_config(config_path, sets, overrides, _cache_overrides(dtype, checkpoint, splits, allow))
+    for run_id in stage.run_many(cfg, run_ids(teacher_run_ids), force=force, resume=not no_resume):
         click.echo(run_id)
 
 
@@ -149,7 +155,7 @@ def recompute_logits(config_path: str | None, sets: tuple[str, ...], overrides: 
     from kdtrack.stages import recompute_logits as stage
 
     cfg = load_config(config_path, sets, overrides)
-    splits = [s for raw in (first_split, *more_splits) for s in raw.split()]
+    splits = [s for raw in (first_split, *more_splits) for s in raw.split()]  # MLproject passes one string
     checks = stage.run(cfg, list(expert_run_ids), splits, export_npz=export_npz, min_accuracy=min_accuracy)
     click.echo(f"{'expert':34} {'split':10} {'rows':>7} {'accuracy':>9}  cache run / problems")
     for c in checks:
@@ -174,12 +180,12 @@ def train_student(config_path: str | None, sets: tuple[str, ...], overrides: str
     from kdtrack import tracking
     from kdtrack.stages import train_student as stage
 
-    ids = [t for raw in teacher_run_ids for t in raw.replace(",", " ").split()]
+    ids = run_ids(teacher_run_ids)
     if resume_run_id:
         if config_path or sets or overrides or ids:
             raise BadInput("--resume takes the run's own config and teachers", "drop the other options")
         cfg = tracking.load_run_config(resume_run_id, config.Config)
-        ids = [t for t in tracking.get_run(resume_run_id).data.tags.get("kdtrack.teacher_run_ids", "").split(",") if t]
+        ids = run_ids((tracking.get_run(resume_run_id).data.tags.get(f"{tracking.TAG}teacher_run_ids", ""),))
     else:
         cfg = load_config(config_path, sets, overrides)
     click.echo(stage.run(cfg, ids, build_missing_cache=build_missing_cache, resume_run_id=resume_run_id))

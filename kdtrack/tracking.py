@@ -57,6 +57,11 @@ class StageRun:
     run_id: str
     client: MlflowClient
 
+    @classmethod
+    def of(cls, run_id: str) -> StageRun:
+        """An existing run (e.g. a finished cache run) to add metrics, tags or artifacts to."""
+        return cls(run_id, configure())
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """One batched request per call: all of an epoch's metrics at once."""
         stamp = _now_ms()
@@ -120,8 +125,8 @@ def note_reuse(stage: str, reused_run_id: str) -> None:
     """When launched by `mlflow run`, tag the launcher's run with the finished run that was reused instead."""
     launcher = os.environ.get("MLFLOW_RUN_ID")
     if launcher and launcher != reused_run_id and mlflow.active_run() is None:
-        StageRun(launcher, configure()).set_tags({f"{TAG}reused_run_id": reused_run_id,
-                                                  "mlflow.note.content": f"Reused finished {stage} run {reused_run_id}."})
+        StageRun.of(launcher).set_tags({f"{TAG}reused_run_id": reused_run_id,
+                                        "mlflow.note.content": f"Reused finished {stage} run {reused_run_id}."})
 
 
 def _use_experiment(client: MlflowClient, name: str) -> None:

@@ -15,6 +15,7 @@ from kdtrack import cache, distributed, engine, tracking
 from kdtrack.config import Config
 from kdtrack.data import IndexedDataset, dataset_digest, distillation_rows, student_dataset
 from kdtrack.errors import CacheError
+from kdtrack.stages.training import progress_enabled
 from kdtrack.teachers import Teacher, check_fits, load_teacher
 
 STAGE = "cache"
@@ -60,10 +61,16 @@ def run_many(cfg: Config, teacher_run_ids: list[str], *, force: bool = False, re
         return ids
 
 
+def cache_rows(cfg: Config, teacher: Teacher) -> IndexedDataset:
+    """The rows `cfg` caches, in store order, as the teacher sees them (its normalisation)."""
+    rows = distillation_rows(student_dataset(cfg.data), cfg.cache.splits, cfg.cache.allow_splits,
+                             cfg.cache.split_files)
+    return rows.with_normalisation(teacher.normalisation)
+
+
 def _prepare(cfg: Config, teacher_run_id: str, device: torch.device) -> tuple[Teacher, IndexedDataset, _Plan]:
     teacher = load_teacher(teacher_run_id, device, cfg.cache.checkpoint)
-    rows = distillation_rows(student_dataset(cfg.data), cfg.cache.splits, cfg.cache.allow_splits,
-                             cfg.cache.split_files).with_normalisation(teacher.normalisation)
+    rows = cache_rows(cfg, teacher)
     check_fits(teacher, rows, classes=False)  # outputs may be signals of any shape; the inputs must fit
     return teacher, rows, _plan(cfg, teacher, rows, device)
 
@@ -145,7 +152,7 @@ def _fill(cfg: Config, path: Path, teacher: Teacher, rows: IndexedDataset, plan:
     return cache.build(path, teacher.model, rows, attrs=attrs, device=device, batch_size=cfg.cache.batch_size,
                        amp_dtype=engine.amp_dtype(cfg.train.amp, device), dtype=cfg.cache.dtype,
                        chunk_rows=cfg.cache.chunk_rows or None, resume=resume, chunks=chunks, prior=prior,
-                       progress=_progress(cfg))
+                       progress=progress_enabled(cfg.train.progress))
 
 
 def _finish(cfg: Config, tracked: tracking.StageRun, path: Path, teacher: Teacher, rows: IndexedDataset,
@@ -264,7 +271,3 @@ def _prior_rows(plan: _Plan, rows: IndexedDataset) -> cache.PriorRows | None:
         if 0 < n < len(rows) and dataset_digest(rows.take(np.arange(n))) == other.data.tags[f"{T}dataset_digest"]:
             return cache.PriorRows(tracking.artifact_path(other.info.run_id, ARTIFACT), n)
     return None
-
-
-def _progress(cfg: Config) -> bool | None:
-    return None if cfg.train.progress == "auto" else cfg.train.progress == "on"

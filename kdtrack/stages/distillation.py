@@ -14,7 +14,7 @@ import torch
 from kdtrack import checkpoint, engine, tracking
 from kdtrack.cache import LogitTable
 from kdtrack.config import Config
-from kdtrack.data import IndexedDataset, dataset_digest, make_loader
+from kdtrack.data import IndexedDataset, make_loader
 from kdtrack.errors import BadInput, CacheNotFound
 from kdtrack.losses.feature import FeatureKD, build_feature_method
 from kdtrack.losses.fusion import fuse_teachers
@@ -43,16 +43,17 @@ class Distillation:
 
 
 def build_distillation(cfg: Config, teachers: list[Teacher], student: torch.nn.Module, train: IndexedDataset,
-                       device: torch.device, *, build_missing_cache: bool = False) -> Distillation:
-    """The loss of `cfg.method`; `train` holds the raw (un-normalised) training rows in loader order."""
+                       digest: str, device: torch.device, *, build_missing_cache: bool = False) -> Distillation:
+    """The loss of `cfg.method`; `train` holds the raw (un-normalised) training rows in loader order and
+    `digest` is their dataset digest."""
     if cfg.method == "none":
         return Distillation(engine.SupervisedLoss(cfg.train.label_smoothing))
     if cfg.method == "kd":
-        return _logit_kd(cfg, teachers, train, device, build_missing_cache)
-    return _feature_kd(cfg, teachers, student, train, device)
+        return _logit_kd(cfg, teachers, train, digest, device, build_missing_cache)
+    return _feature_kd(cfg, teachers, student, train, digest, device)
 
 
-def _logit_kd(cfg: Config, teachers: list[Teacher], train: IndexedDataset, device: torch.device,
+def _logit_kd(cfg: Config, teachers: list[Teacher], train: IndexedDataset, digest: str, device: torch.device,
               build_missing_cache: bool) -> Distillation:
     kd = cfg.kd
     # The hard-label term stays hard: label smoothing is never applied together with KD.
@@ -74,8 +75,7 @@ def _logit_kd(cfg: Config, teachers: list[Teacher], train: IndexedDataset, devic
                 return fuse_teachers([m(batch[0]) for m in models], kd.fusion, weights)
 
         return Distillation(LogitKD(online, loss_cfg, domain))
-    caches = [resolve_cache(cfg, t, train, build_missing_cache) for t in teachers]
-    digest = dataset_digest(train)
+    caches = [resolve_cache(cfg, t, digest, build_missing_cache) for t in teachers]
     tables = [LogitTable.open(tracking.artifact_path(c.run_id, "logits.zarr"), train, expected_digest=digest)
               .to(device) for c in caches]
 
@@ -87,9 +87,8 @@ def _logit_kd(cfg: Config, teachers: list[Teacher], train: IndexedDataset, devic
                         tags={f"{T}cache_run_ids": ",".join(c.run_id for c in caches)})
 
 
-def resolve_cache(cfg: Config, teacher: Teacher, train: IndexedDataset, build_missing: bool) -> CacheRef:
-    """The newest FINISHED complete cache of this teacher checkpoint over exactly these rows (by digest)."""
-    digest = dataset_digest(train)
+def resolve_cache(cfg: Config, teacher: Teacher, digest: str, build_missing: bool) -> CacheRef:
+    """The newest FINISHED complete cache of this teacher checkpoint over exactly the rows of `digest`."""
     found = tracking.find_runs({f"{T}stage": "cache", f"{T}teacher_run_id": teacher.run_id,
                                 f"{T}complete": "true"})
     fresh = [r for r in found if r.data.tags.get(f"{T}dataset_digest") == digest
@@ -110,7 +109,7 @@ def resolve_cache(cfg: Config, teacher: Teacher, train: IndexedDataset, build_mi
 
 
 def _feature_kd(cfg: Config, teachers: list[Teacher], student: torch.nn.Module, train: IndexedDataset,
-                device: torch.device) -> Distillation:
+                digest: str, device: torch.device) -> Distillation:
     if cfg.teacher_mode != "online" or len(teachers) != 1:
         raise BadInput(f"method {cfg.method} reads the teacher's features, so it needs one teacher run online",
                        "pass one --teacher-run-id and --set teacher_mode=online")
@@ -118,17 +117,17 @@ def _feature_kd(cfg: Config, teachers: list[Teacher], student: torch.nn.Module, 
     method = build_feature_method(cfg.method, student, teacher.model, train.input_shape)
     tags = {}
     if cfg.method == "ft":
-        tags[f"{T}paraphraser"] = _prepare_paraphraser(cfg, teacher, method, train, device)
+        tags[f"{T}paraphraser"] = _prepare_paraphraser(cfg, teacher, method, train, digest, device)
     return Distillation(FeatureKD(method, teacher.model, alpha=cfg.kd.alpha), modules={"method": method}, tags=tags)
 
 
 def _prepare_paraphraser(cfg: Config, teacher: Teacher, method: torch.nn.Module, train: IndexedDataset,
-                         device: torch.device) -> str:
+                         digest: str, device: torch.device) -> str:
     """Factor Transfer stage one: train the paraphraser on the frozen teacher once, keep it as an artifact of
     the teacher run under `paraphrasers/`, and reuse it for every later student. Returns 'trained|reused <key>'."""
     layer, para = method.teacher_layers[0], method.paraphraser
     key = hashlib.sha256(json.dumps([teacher.checkpoint_sha256, layer, para.rate, cfg.kd.paraphraser_epochs,
-                                     dataset_digest(train), cfg.seed]).encode()).hexdigest()[:16]
+                                     digest, cfg.seed]).encode()).hexdigest()[:16]
     artifact = f"paraphrasers/{key}.pt"
     if artifact in tracking.list_artifacts(teacher.run_id, "paraphrasers"):
         payload = checkpoint.load(tracking.artifact_path(teacher.run_id, artifact), required=("state_dict",),
@@ -143,7 +142,7 @@ def _prepare_paraphraser(cfg: Config, teacher: Teacher, method: torch.nn.Module,
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{key}.pt"
         torch.save({"state_dict": para.state_dict(), "layer": layer, "rate": para.rate, "losses": losses}, path)
-        tracking.StageRun(teacher.run_id, tracking.configure()).log_artifact(path, "paraphrasers")
+        tracking.StageRun.of(teacher.run_id).log_artifact(path, "paraphrasers")
     return f"trained {key}"
 
 

@@ -76,7 +76,7 @@ def run_step(name: str, cfg: Config, keys: tuple[str, ...], upstream: list[str],
             print(f"{name}: reusing run {done.info.run_id}", file=sys.stderr)
             return Step(name, done.info.run_id, True)
     run_id = launch()
-    tracking.StageRun(run_id, tracking.configure()).set_tags({f"{T}step_key": key})
+    tracking.StageRun.of(run_id).set_tags({f"{T}step_key": key})
     return Step(name, run_id, False)
 
 

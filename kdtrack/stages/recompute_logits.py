@@ -79,6 +79,6 @@ def _check(expert: str, split: str, cache_run_id: str, export_npz: str | None, m
         reread = np.load(out)
         if not np.array_equal(reread["predictions"], reread["logits"].argmax(axis=1)):
             problems.append("exported predictions do not match argmax of the exported logits")
-    tracked = tracking.StageRun(cache_run_id, tracking.configure())
+    tracked = tracking.StageRun.of(cache_run_id)
     tracked.log_metrics({"recompute/accuracy": accuracy, "recompute/passed": float(not problems)}, step=0)
     return SplitCheck(expert, split, cache_run_id, len(logits), accuracy, problems)

@@ -39,14 +39,14 @@ def run(cfg: Config, teacher_run_ids: list[str] = (), *, build_missing_cache: bo
     splits = {name: ds.with_normalisation(norm) for name, ds in splits.items()}
     spec = spec_from_config(cfg.student.model, data.num_classes, data.input_shape)
     model = build_model(spec).to(device)
-    distill = build_distillation(cfg, teachers, model, train, device, build_missing_cache=build_missing_cache)
+    digest = dataset_digest(train)
+    distill = build_distillation(cfg, teachers, model, train, digest, device, build_missing_cache=build_missing_cache)
     params = [*model.parameters(), *(p for m in distill.modules.values() for p in m.parameters() if p.requires_grad)]
     optimizer = engine.build_optimizer(params, cfg.student.optim)
     scheduler = engine.build_scheduler(optimizer, cfg.student.optim)
     amp = engine.amp_dtype(cfg.train.amp, device)
     scaler = engine.make_scaler(amp, device)
     loaders = split_loaders(cfg, splits, device)
-    digest = dataset_digest(train)
     with tracking.stage_run(STAGE, cfg, run_name=run_name(cfg), description=_describe(cfg, spec.name, teachers, train),
                             resume_run_id=resume_run_id) as tracked, tempfile.TemporaryDirectory() as tmp:
         tracked.set_tags({f"{T}method": cfg.method, f"{T}teacher_mode": cfg.teacher_mode,

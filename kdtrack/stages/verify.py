@@ -6,9 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kdtrack import cache, config, engine, tracking
-from kdtrack.data import distillation_rows, student_dataset
 from kdtrack.errors import BadInput
-from kdtrack.stages.cache_logits import ARTIFACT, STAGE, upload_store
+from kdtrack.stages.cache_logits import ARTIFACT, STAGE, cache_rows, upload_store
 from kdtrack.teachers import load_teacher
 
 T = tracking.TAG
@@ -35,8 +34,7 @@ def run(cache_run_id: str, *, recompute: int = 64, repair: bool = False, seed: i
     path = tracking.artifact_path(cache_run_id, ARTIFACT)
     store = cache.open_store(path, mode="r+")
     teacher = load_teacher(store.attrs["teacher_run_id"], device, run_info.data.tags.get(f"{T}checkpoint", "best"))
-    rows = distillation_rows(student_dataset(cfg.data), cfg.cache.splits, cfg.cache.allow_splits,
-                             cfg.cache.split_files).with_normalisation(teacher.normalisation)
+    rows = cache_rows(cfg, teacher)
     amp = engine.amp_dtype(cfg.train.amp, device)
     check_rows = np.random.default_rng(seed).permutation(len(rows))[:recompute]
 
@@ -61,7 +59,7 @@ def run(cache_run_id: str, *, recompute: int = 64, repair: bool = False, seed: i
 
 def _record(run_id: str, store, report: cache.VerifyReport, path, repaired: list[int]) -> None:
     """Log the figures on the cache run and keep `complete` true only for a store that passed."""
-    tracked = tracking.StageRun(run_id, tracking.configure())
+    tracked = tracking.StageRun.of(run_id)
     if report.passed:
         cache.mark_complete(store, report.fidelity_dict())
     else:
