@@ -18,9 +18,9 @@ T = tracking.TAG
 STEPS = ("teacher", "cache", "students")
 FEATURE_METHODS = ("fitnet", "rkd", "ft", "at")
 # The config each step depends on; anything else may change without rerunning it.
-_TEACHER_KEYS = ("seed", "device", "data", "model", "optim", "train")
-_CACHE_KEYS = ("device", "data", "cache", "train")
-_STUDENT_KEYS = ("seed", "device", "data", "cache", "train", "method", "teacher_mode", "student", "kd")
+TEACHER_KEYS = ("seed", "device", "data", "model", "optim", "train")
+CACHE_KEYS = ("device", "data", "cache", "train")
+STUDENT_KEYS = ("seed", "device", "data", "cache", "train", "method", "teacher_mode", "student", "kd")
 
 
 @dataclass
@@ -43,14 +43,11 @@ def run(cfg: Config, students: list[str], *, force: str | None = None) -> str:
     with tracking.stage_run("pipeline", cfg, run_name=f"pipeline-{cfg.experiment}",
                             description=f"Teacher, cache and students ({', '.join(students)}) of {cfg.experiment}.") \
             as parent:
-        teacher = run_step("teacher", cfg, _TEACHER_KEYS, [], version, "teacher" in forced,
-                           lambda: train_teacher.run(cfg))
-        cache = run_step("cache", cfg, _CACHE_KEYS, [teacher.run_id], version, "cache" in forced,
-                         lambda: cache_logits.run(cfg, teacher.run_id, force="cache" in forced))
+        teacher, cache = teacher_and_cache(cfg, version, forced)
         steps = [teacher, cache]
         for method in students:
             student_cfg = student_config(cfg, method)
-            steps.append(run_step(f"student-{method}", student_cfg, _STUDENT_KEYS,
+            steps.append(run_step(f"student-{method}", student_cfg, STUDENT_KEYS,
                                   [teacher.run_id, cache.run_id], version, "students" in forced,
                                   lambda c=student_cfg: train_student.run(c, [teacher.run_id])))
         parent.set_tags({f"{T}steps": json.dumps({s.name: [s.run_id, s.reused] for s in steps}),
@@ -59,6 +56,15 @@ def run(cfg: Config, students: list[str], *, force: str | None = None) -> str:
         parent.client.log_text(parent.run_id, table + "\n", "summary.txt")
         print(table)
         return parent.run_id
+
+
+def teacher_and_cache(cfg: Config, version: str, forced: set[str] = frozenset()) -> tuple[Step, Step]:
+    """The teacher step and its cache step, each reused when finished unless its name is in `forced`."""
+    teacher = run_step("teacher", cfg, TEACHER_KEYS, [], version, "teacher" in forced,
+                       lambda: train_teacher.run(cfg))
+    cache = run_step("cache", cfg, CACHE_KEYS, [teacher.run_id], version, "cache" in forced,
+                     lambda: cache_logits.run(cfg, teacher.run_id, force="cache" in forced))
+    return teacher, cache
 
 
 def student_config(cfg: Config, method: str) -> Config:

@@ -12,8 +12,8 @@ import sys
 from kdtrack import config, tracking
 from kdtrack.config import Config
 from kdtrack.errors import BadInput, KdtrackError, TrainingError
-from kdtrack.stages import cache_logits, train_student, train_teacher
-from kdtrack.stages.pipeline import _CACHE_KEYS, _STUDENT_KEYS, _TEACHER_KEYS, FEATURE_METHODS, run_step
+from kdtrack.stages import train_student
+from kdtrack.stages.pipeline import FEATURE_METHODS, STUDENT_KEYS, run_step, teacher_and_cache
 
 T = tracking.TAG
 # Papers differ on which accuracy they report, so both are kept: the last epoch's and the best epoch's.
@@ -39,14 +39,12 @@ def run(cfg: Config, grid: dict[str, list[str]], seeds: list[int], *, force_rest
     version = tracking.code_version()
     with tracking.stage_run("sweep", cfg, run_name=f"sweep-{cfg.experiment}",
                             description=f"{len(configs)} students: grid {grid}, seeds {seeds}.") as parent:
-        teacher = run_step("teacher", cfg, _TEACHER_KEYS, [], version, False, lambda: train_teacher.run(cfg))
-        cache = run_step("cache", cfg, _CACHE_KEYS, [teacher.run_id], version, False,
-                         lambda: cache_logits.run(cfg, teacher.run_id))
+        teacher, cache = teacher_and_cache(cfg, version)
         results, failed = [], []
         for combo, seed, student_cfg in configs:
             name = ", ".join(f"{k}={v}" for k, v in combo.items()) or "default"
             try:
-                step = run_step(f"student-{name}-seed{seed}", student_cfg, _STUDENT_KEYS,
+                step = run_step(f"student-{name}-seed{seed}", student_cfg, STUDENT_KEYS,
                                 [teacher.run_id, cache.run_id], version, force_restart,
                                 lambda c=student_cfg: train_student.run(c, [teacher.run_id]))
             except KdtrackError as exc:  # one bad combination must not stop the others
