@@ -188,7 +188,9 @@ def train_student(config_path: str | None, sets: tuple[str, ...], overrides: str
         ids = run_ids((tracking.get_run(resume_run_id).data.tags.get(f"{tracking.TAG}teacher_run_ids", ""),))
     else:
         cfg = load_config(config_path, sets, overrides)
-    click.echo(stage.run(cfg, ids, build_missing_cache=build_missing_cache, resume_run_id=resume_run_id))
+    run_id = stage.run(cfg, ids, build_missing_cache=build_missing_cache, resume_run_id=resume_run_id)
+    if run_id:  # under torchrun only rank 0 has one
+        click.echo(run_id)
 
 
 @main.command("lineage")

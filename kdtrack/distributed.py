@@ -18,6 +18,11 @@ def is_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def active() -> bool:
+    """True inside a joined process group."""
+    return dist.is_initialized()
+
+
 def rank() -> int:
     """This process's rank; 0 outside a distributed launch."""
     return int(os.environ.get("RANK", "0")) if is_distributed() else 0
@@ -42,7 +47,7 @@ def device_for(device: torch.device) -> torch.device:
 
 def init(device: torch.device) -> bool:
     """Join the process group (NCCL on CUDA, gloo on CPU) when distributed; return whether this call joined it."""
-    if not is_distributed() or dist.is_initialized():
+    if not is_distributed() or active():
         return False
     if device.type == "cuda":
         torch.cuda.set_device(device_for(device))  # NCCL collectives run on the current device
@@ -52,7 +57,7 @@ def init(device: torch.device) -> bool:
 
 def destroy() -> None:
     """Leave the process group, if joined."""
-    if dist.is_initialized():
+    if active():
         dist.destroy_process_group()
 
 
@@ -69,7 +74,7 @@ def process_group(device: torch.device) -> Iterator[None]:
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """`obj` of rank `src` on every rank (picklable); the object itself outside a process group."""
-    if not dist.is_initialized():
+    if not active():
         return obj
     box = [obj if rank() == src else None]
     dist.broadcast_object_list(box, src=src)
@@ -78,7 +83,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order, on every rank; `[obj]` outside a process group."""
-    if not dist.is_initialized():
+    if not active():
         return [obj]
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
@@ -87,8 +92,42 @@ def gather_objects(obj: Any) -> list[Any]:
 
 def barrier() -> None:
     """Wait until every rank gets here; no-op outside a process group."""
-    if dist.is_initialized():
+    if active():
         dist.barrier(device_ids=[local_rank()] if dist.get_backend() == "nccl" else None)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over every rank, in place; unchanged outside a process group."""
+    if active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` in DistributedDataParallel inside a process group (it broadcasts rank 0's weights now and averages
+    gradients in backward); `model` itself otherwise. Evaluate the unwrapped model: the wrapper's forward syncs."""
+    if not active():
+        return model
+    ids = [device.index if device.index is not None else local_rank()] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def average_gradients(module: torch.nn.Module) -> None:
+    """Average the gradients of `module`'s trainable parameters over the ranks as backward produces them.
+
+    For parts trained beside a DDP model but outside its forward (feature-distillation connectors). Every rank
+    must give every such parameter a gradient each step, in the same order, as the same graph does."""
+    if not active():
+        return
+    for param in module.parameters():
+        if param.requires_grad:
+            dist.broadcast(param.data, src=0)  # start equal, as DDP does for the model
+            param.register_post_accumulate_grad_hook(_average_grad)
+
+
+def _average_grad(param: torch.Tensor) -> None:
+    dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+    param.grad /= dist.get_world_size()
 
 
 def owned_chunks(n_chunks: int) -> list[int]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdtrack import distributed
 from kdtrack.errors import ConfigError, TrainingError
 from kdtrack.optim import build_optimizer, build_scheduler
 from kdtrack.progress import Progress
@@ -122,7 +123,8 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over `loader`: `loss`, `loss_<term>`, `acc` (labelled rows), `seconds`, `data_seconds`.
 
-    A non-finite loss raises TrainingError naming the epoch and step (both counted from 0).
+    A non-finite loss raises TrainingError naming the epoch and step (both counted from 0). Under DDP the
+    loss and accuracy are over every rank's batches; the times are this rank's.
     """
     model.train()
     meter = _Meter(device)
@@ -145,6 +147,7 @@ def train_one_epoch(
         raise TrainingError(f"the training loader yielded no batches in epoch {epoch}",
                             "check the train split is not empty and batch_size / drop_last settings")
     meter.check(epoch)
+    meter.sum_over_ranks()
     summary = meter.summary()
     summary.update(seconds=time.perf_counter() - start, data_seconds=data_seconds)
     return summary
@@ -196,10 +199,12 @@ def fit(
     seed: int = 0,
     on_epoch_end: EpochCallback | None = None,
     progress: bool | None = False,
+    eval_model: nn.Module | None = None,
 ) -> list[dict[str, float]]:
     """Run epochs `start_epoch .. epochs-1`, calling `on_epoch_end(epoch, metrics)` after each; return all metrics.
 
     RNGs are reseeded with `seed + epoch` each epoch, so a resumed run replays dropout and shuffling exactly.
+    `eval_model` is what `val_loader` evaluates (default `model`; the inner module of a DDP wrapper).
     """
     history = []
     for epoch in range(start_epoch, epochs):
@@ -212,7 +217,7 @@ def fit(
         metrics = {"train/loss": train["loss"], "train/acc": train["acc"]}
         metrics.update({f"train/{k}": v for k, v in train.items() if k.startswith("loss_")})
         if val_loader is not None:
-            val = evaluate(model, val_loader, device=device, amp_dtype=amp_dtype)
+            val = evaluate(model if eval_model is None else eval_model, val_loader, device=device, amp_dtype=amp_dtype)
             metrics.update({"val/loss": val["loss"], "val/acc": val["acc"]})
         if scheduler is not None:
             scheduler.step()
@@ -260,6 +265,19 @@ class _Meter:
         detail = ", ".join(f"{name}={v:.4g}" for name, v in zip(["loss", *self.names], values))
         raise TrainingError(f"non-finite loss at epoch {epoch}, step {bad_step} ({detail})",
                             "lower optim.lr, check the inputs for nan/inf, or set train.amp=off")
+
+    def sum_over_ranks(self) -> None:
+        """Add up every rank's sums and counts (one collective); nothing happens outside a process group."""
+        if not distributed.active():
+            return
+        packed = torch.cat([self.sums.reshape(-1).double(),
+                            torch.stack([self.correct, self.labelled]).double(),
+                            torch.tensor([float(self.steps)], dtype=torch.float64, device=self.sums.device)])
+        packed = distributed.all_reduce_sum(packed)
+        terms = self.sums.numel()
+        self.sums = packed[:terms].to(self.sums.dtype).reshape(self.sums.shape)
+        self.correct, self.labelled = packed[terms:terms + 2].long()
+        self.steps = int(packed[-1])
 
     def mean_loss(self) -> float:
         return float(self.sums[0]) / max(self.steps, 1)

@@ -266,8 +266,11 @@ class MLP(nn.Module):
 def capture_features(model: nn.Module, names: Sequence[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Hook `names` (default: model.feature_layers) and yield a dict that each forward fills with their outputs.
 
-    Tensors keep their autograd graph (run a teacher under no_grad); the hooks are removed on exit.
+    Tensors keep their autograd graph (run a teacher under no_grad); the hooks are removed on exit. A model in
+    DistributedDataParallel is hooked inside, by the names of the model it wraps.
     """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     layers = tuple(getattr(model, "feature_layers", ()))
     names = layers if names is None else tuple(names)
     modules = dict(model.named_modules())

@@ -22,7 +22,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.tracking import MlflowClient
 
-from kdtrack import __version__, config
+from kdtrack import __version__, claims, config
 from kdtrack.errors import RunNotFound, TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -98,6 +98,8 @@ def stage_run(stage: str, cfg: Any, *, run_name: str, description: str = "",
     run_id = resume_run_id or (None if nested else os.environ.get("MLFLOW_RUN_ID"))
     if run_id is None and not nested:
         _use_experiment(client, cfg.experiment)
+    elif resume_run_id and not nested:  # the run's own experiment, whichever this process used before
+        mlflow.set_experiment(experiment_id=get_run(resume_run_id).info.experiment_id)
     try:
         active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested)
     except MlflowException as exc:
@@ -183,12 +185,17 @@ def artifact_path(run_id: str, path: str) -> Path:
     target = download_dir() / run_id
     downloaded = target / path
     done = target / f".{path.replace('/', '_')}.downloaded"
-    if not done.exists():
-        downloaded.parent.mkdir(parents=True, exist_ok=True)
-        # MLflow puts a downloaded file or folder under its last path component only (checkpoints/best.pt ->
-        # <dst>/best.pt), so the destination is the artifact's own parent folder.
-        download_artifact(run_id, path, downloaded.parent)
-        done.touch()  # an interrupted download is simply repeated
+    if done.exists():
+        return downloaded
+    # One download per artifact at a time: DDP ranks and parallel jobs on one machine share the folder.
+    with claims.claim(download_dir() / "claims", f"download-{run_id}-{path.replace('/', '_')}",
+                      f"downloading {path} of run {run_id}"):
+        if not done.exists():  # else another process finished it while this one waited
+            downloaded.parent.mkdir(parents=True, exist_ok=True)
+            # MLflow puts a downloaded file or folder under its last path component only (checkpoints/best.pt ->
+            # <dst>/best.pt), so the destination is the artifact's own parent folder.
+            download_artifact(run_id, path, downloaded.parent)
+            done.touch()  # an interrupted download is simply repeated
     return downloaded
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from kdtrack.cache import build, cache_key
+from kdtrack.cache import BuildStats, build, cache_key
 from kdtrack.data import IndexedDataset, Normalisation, dataset_digest
 
 N_ROWS, CHUNK_ROWS, BATCH = 512, 32, 8  # 16 chunks of 4 batches each
@@ -61,10 +62,15 @@ class SlowModel(nn.Module):
         return self.inner(x)
 
 
-def main(path: str) -> None:
+def build_tiny_cache(path: str | Path, model: nn.Module | None = None) -> BuildStats:
+    """Build (or resume) the cache of `model` (default `tiny_model()`) over `tiny_dataset()` at `path`, on the CPU."""
     ds = tiny_dataset()
-    build(path, SlowModel(tiny_model(), delay=0.03), ds, attrs=tiny_attrs(ds), device=torch.device("cpu"),
-          batch_size=BATCH, chunk_rows=CHUNK_ROWS, progress=False)
+    return build(path, tiny_model() if model is None else model, ds, attrs=tiny_attrs(ds),
+                 device=torch.device("cpu"), batch_size=BATCH, chunk_rows=CHUNK_ROWS, progress=False)
+
+
+def main(path: str) -> None:
+    build_tiny_cache(path, SlowModel(tiny_model(), delay=0.03))
 
 
 if __name__ == "__main__":

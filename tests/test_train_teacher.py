@@ -106,14 +106,29 @@ def test_bad_input_exits_2_without_a_run(store: str):
     assert MlflowClient().get_experiment_by_name("never-created") is None
 
 
-def test_resume_continues_the_same_run_to_the_same_weights(store: str):
-    overrides = [*TINY_TEACHER, "optim.epochs=4", "model.dropout=0.2", "experiment=resume"]
+@pytest.mark.parametrize("crash", ["after last.pt", "between metrics and last.pt"])
+def test_resume_continues_the_same_run_to_the_same_weights(store: str, crash: str, monkeypatch):
+    experiment = f"resume-{crash.split()[0]}"
+    overrides = [*TINY_TEACHER, "optim.epochs=4", "model.dropout=0.2", f"experiment={experiment}"]
     straight = train_teacher.run(config.load(DIGITS, overrides))
 
-    with interrupted_after_epoch(1), pytest.raises(KeyboardInterrupt):
-        train_teacher.run(config.load(DIGITS, overrides))
+    if crash == "after last.pt":
+        with interrupted_after_epoch(1), pytest.raises(KeyboardInterrupt):
+            train_teacher.run(config.load(DIGITS, overrides))
+    else:  # epoch 1's metrics are logged, its last.pt never written: the resumed run repeats epoch 1
+        save = checkpoint.save
+
+        def crash_at_epoch_one(path, payload):
+            if payload["epoch"] == 1:
+                raise KeyboardInterrupt
+            return save(path, payload)
+
+        monkeypatch.setattr(checkpoint, "save", crash_at_epoch_one)
+        with pytest.raises(KeyboardInterrupt):
+            train_teacher.run(config.load(DIGITS, overrides))
+        monkeypatch.setattr(checkpoint, "save", save)
     client = MlflowClient()
-    (interrupted,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id],
+    (interrupted,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
                                         "attributes.status = 'KILLED'")
 
     code, out, err = _cli("train-teacher", "--resume", interrupted.info.run_id)
@@ -142,3 +157,17 @@ def test_mlflow_run_entry_point(store: str, tmp_path: Path):
     assert run.data.params["optim.epochs"] == "1"
     assert sorted(f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")) == [
         "checkpoints/best.pt", "checkpoints/last.pt"]
+
+
+def test_resume_in_a_process_that_used_another_experiment(store: str):
+    overrides = [*TINY_TEACHER, "optim.epochs=3"]
+    with interrupted_after_epoch(0), pytest.raises(KeyboardInterrupt):
+        train_teacher.run(config.load(DIGITS, [*overrides, "experiment=resume-elsewhere-a"]))
+    client = MlflowClient()
+    (interrupted,) = client.search_runs([client.get_experiment_by_name("resume-elsewhere-a").experiment_id])
+    train_teacher.run(config.load(DIGITS, [*overrides, "optim.epochs=1", "experiment=resume-elsewhere-b"]))
+
+    resumed = train_teacher.run(config.load(DIGITS, [*overrides, "experiment=resume-elsewhere-a"]),
+                                resume_run_id=interrupted.info.run_id)
+    assert resumed == interrupted.info.run_id
+    assert client.get_run(resumed).info.status == "FINISHED"

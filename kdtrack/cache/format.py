@@ -3,16 +3,23 @@
 A store is a Zarr v3 group. Every array is chunked along rows by `chunk_rows` and every chunk object carries a
 CRC32C checksum, so a flipped byte fails the read. `chunk_done` keeps one object per flag, so writers owning
 different chunks never write the same object. Remote artifact stores get a copy packed into shards (pack.py).
+
+A store is created whole in a hidden sibling folder and renamed into place, so a process killed at any moment leaves
+at `path` either nothing or a fully created store (and at worst a stale sibling, removed by the next creation).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
+import glob
 import hashlib
 import json
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,12 +103,12 @@ def create_store(
 ) -> zarr.Group:
     """Create a new store at `path` (which must not exist): metadata, ids and labels, then `initialised=True`.
 
-    `attrs` must hold CALLER_ATTRS; the DERIVED_ATTRS are computed here from the other arguments.
+    The store is written in a hidden sibling folder and renamed to `path` whole. `attrs` must hold CALLER_ATTRS;
+    the DERIVED_ATTRS are computed here from the other arguments.
     """
     path = Path(path)
     if path.exists():
-        raise CacheError(f"cannot create a cache at {path}: the path exists",
-                         "remove it with kdtrack.cache.remove_store, or choose another path")
+        raise _path_exists(path)
     _check_dtype(dtype)
     n, shape = len(sample_ids), tuple(int(d) for d in output_shape)
     labels = np.asarray(labels, dtype=np.int64)
@@ -114,12 +121,18 @@ def create_store(
                "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     _check_caller_attrs(attrs, derived["num_classes"])
     meta = {**attrs, **derived}  # derived keys in `attrs` (e.g. copied from an older store) are replaced
-    group = zarr.open_group(path, mode="w-", attributes=meta)
-    _create_arrays(group, n, shape, dtype, chunk_rows)
-    group["sample_ids"][:] = np.asarray(list(sample_ids), dtype=str)
-    group["labels"][:] = labels
-    group.update_attributes({"initialised": True})
-    return group
+    _remove_stale_creations(path)
+    with _creation_folder(path) as tmp:
+        group = zarr.open_group(tmp, mode="w-", attributes=meta)
+        _create_arrays(group, n, shape, dtype, chunk_rows)
+        group["sample_ids"][:] = np.asarray(list(sample_ids), dtype=str)
+        group["labels"][:] = labels
+        group.update_attributes({"initialised": True})
+        try:
+            tmp.rename(path)  # replaces nothing but an empty folder: a non-empty `path` fails the rename
+        except OSError as exc:
+            raise _path_exists(path) from exc
+    return zarr.open_group(path, mode="r+")
 
 
 def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
@@ -199,6 +212,45 @@ def _open_any(path: str | Path, mode: str) -> zarr.Group | None:
         raise CacheError(f"{path} is not a kdtrack cache of format {FORMAT} (format attribute: {found!r})",
                          "choose another cache path, or rebuild with a kdtrack version that writes this format")
     return group
+
+
+_CREATING = ".creating-"  # hidden sibling `.<name>.creating-<random>` in which a store is created
+
+
+@contextlib.contextmanager
+def _creation_folder(path: Path) -> Iterator[Path]:
+    """A new hidden sibling of `path`, flock-ed while in use so that no other creation takes it for stale."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{_CREATING}{uuid.uuid4().hex[:12]}")
+    tmp.mkdir()
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield tmp
+    finally:
+        os.close(fd)  # releases the flock
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing is left there once renamed into place
+
+
+def _remove_stale_creations(path: Path) -> None:
+    """Remove the creation folders of `path` that no live process holds: what a killed creation left."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}{_CREATING}*"):
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except FileNotFoundError:
+            continue  # its creator finished or another cleaner was first
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except BlockingIOError:
+            pass  # another process is creating this store right now
+        finally:
+            os.close(fd)
+
+
+def _path_exists(path: Path) -> CacheError:
+    return CacheError(f"cannot create a cache at {path}: the path exists",
+                      "remove it with kdtrack.cache.remove_store, or choose another path")
 
 
 def _create_arrays(group: zarr.Group, n: int, shape: tuple[int, ...], dtype: str, chunk_rows: int) -> None:

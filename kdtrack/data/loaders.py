@@ -15,12 +15,17 @@ from kdtrack.errors import DataError
 class EpochShuffleSampler(Sampler[int]):
     """A permutation of range(n) that depends only on (seed, epoch), so a resumed run replays any epoch exactly.
 
-    Call `set_epoch(epoch)` before iterating each epoch, as with DistributedSampler.
+    With `world` > 1 (DDP) every rank draws the same permutation, padded by its first rows to a multiple of
+    `world`, and yields every world-th row from position `rank`: disjoint shards of equal length, as
+    DistributedSampler gives. Call `set_epoch(epoch)` before iterating each epoch.
     """
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        if not 0 <= rank < world:
+            raise DataError(f"rank {rank} is outside 0..{world - 1}", "pass the rank and world size of torchrun")
         self.n = int(n)
         self.seed = int(seed)
+        self.rank, self.world = int(rank), int(world)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -35,10 +40,14 @@ class EpochShuffleSampler(Sampler[int]):
         return torch.randperm(self.n, generator=gen)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.permutation().tolist())
+        order = self.permutation()
+        if self.world > 1:
+            padded = order[torch.arange(len(self) * self.world) % max(self.n, 1)]  # wraps round when n < world
+            order = padded[self.rank::self.world]
+        return iter(order.tolist())
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.world)  # rows per rank
 
 
 class _RowBatches(Dataset):
@@ -79,16 +88,21 @@ def make_loader(
     num_workers: int = 0,
     device: torch.device | str = "cpu",
     drop_last: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> DataLoader:
     """Batches `(x[B, ...], y[B], row[B], domain[B])`; with shuffle, `loader.sampler` is an EpochShuffleSampler.
 
-    `loader.dataset` is a thin view forwarding to `ds` (its `.dataset` is `ds` itself).
+    `shard=(rank, world)` gives a shuffled loader this rank's share of every epoch (DDP). `loader.dataset` is a
+    thin view forwarding to `ds` (its `.dataset` is `ds` itself).
     """
     if batch_size < 1:
         raise DataError(f"batch_size is {batch_size}", "use a positive batch size, e.g. --set data.batch_size=64")
     if num_workers < 0:
         raise DataError(f"num_workers is {num_workers}", "use 0 (load in the main process) or a positive count")
-    sampler: Sampler[int] = EpochShuffleSampler(len(ds), seed) if shuffle else SequentialSampler(range(len(ds)))
+    if shard != (0, 1) and not shuffle:
+        raise DataError("only shuffled (training) loaders are split across ranks", "evaluate on one rank")
+    sampler: Sampler[int] = (EpochShuffleSampler(len(ds), seed, *shard) if shuffle
+                             else SequentialSampler(range(len(ds))))
     return DataLoader(
         _RowBatches(ds),
         batch_size=batch_size,

@@ -1,4 +1,8 @@
-"""Cache a teacher's logits over the distillation rows of cfg.data into the run artifact `logits.zarr`."""
+"""Cache a teacher's logits over the distillation rows of cfg.data into the run artifact `logits.zarr`.
+
+One build of a cache at a time: a process takes the cache's claim (kdtrack.claims) before it looks for a finished run
+to reuse, so a second process asking for the same cache waits, then reuses the run the first one finished.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdtrack import cache, distributed, engine, tracking
+from kdtrack import cache, claims, distributed, engine, tracking
 from kdtrack.config import Config
 from kdtrack.data import IndexedDataset, dataset_digest, distillation_rows, student_dataset
 from kdtrack.errors import CacheError
@@ -27,6 +31,7 @@ def run(cfg: Config, teacher_run_id: str, *, force: bool = False, resume: bool =
     """Cache `teacher_run_id`'s logits for cfg.data into the artifact `logits.zarr`; return the cache run id.
 
     A FINISHED complete cache with the same key is reused (unless `force`); an unfinished one is resumed.
+    While another process on this machine builds the same cache, this one waits for it first.
     Under torchrun every rank fills its own chunks of the one store and rank 0 owns the run."""
     device = distributed.device_for(engine.resolve_device(cfg.device))
     if distributed.is_distributed():
@@ -35,12 +40,13 @@ def run(cfg: Config, teacher_run_id: str, *, force: bool = False, resume: bool =
                 return _lead(cfg, teacher_run_id, device, force=force, resume=resume)
             return _follow(cfg, teacher_run_id, device)
     teacher, rows, plan = _prepare(cfg, teacher_run_id, device)
-    reused = None if force else _reusable(teacher, plan)
-    if reused is not None:
-        return reused
-    with _cache_run(cfg, teacher, rows, plan, resume) as tracked:
-        _build_and_verify(cfg, tracked, teacher, rows, plan, device, resume=resume and not force)
-        return tracked.run_id
+    with _claim(teacher, plan):  # released after the run below has ended, so a waiter finds it FINISHED
+        reused = None if force else _reusable(teacher, plan)
+        if reused is not None:
+            return reused
+        with _cache_run(cfg, teacher, rows, plan, resume) as tracked:
+            _build_and_verify(cfg, tracked, teacher, rows, plan, device, resume=resume and not force)
+            return tracked.run_id
 
 
 def run_many(cfg: Config, teacher_run_ids: list[str], *, force: bool = False, resume: bool = True) -> list[str]:
@@ -73,6 +79,12 @@ def _prepare(cfg: Config, teacher_run_id: str, device: torch.device) -> tuple[Te
     rows = cache_rows(cfg, teacher)
     check_fits(teacher, rows, classes=False)  # outputs may be signals of any shape; the inputs must fit
     return teacher, rows, _plan(cfg, teacher, rows, device)
+
+
+def _claim(teacher: Teacher, plan: _Plan) -> contextlib.AbstractContextManager[None]:
+    """This cache's claim: held by one process on this machine at a time, which then owns its unfinished run."""
+    return claims.claim(tracking.download_dir() / "claims", f"cache-{plan.key}-{teacher.run_id}",
+                        f"building cache {plan.key[:12]}")
 
 
 def _reusable(teacher: Teacher, plan: _Plan) -> str | None:
@@ -196,6 +208,7 @@ def _lead(cfg: Config, teacher_run_id: str, device: torch.device, *, force: bool
     with contextlib.ExitStack() as stack:
         try:
             teacher, rows, plan = _prepare(cfg, teacher_run_id, device)  # downloads before the others read
+            stack.enter_context(_claim(teacher, plan))  # let go after the run has ended: the stack unwinds in reverse
             reused = None if force else _reusable(teacher, plan)
             if reused is None:
                 tracked = stack.enter_context(_cache_run(cfg, teacher, rows, plan, resume))
@@ -211,12 +224,18 @@ def _lead(cfg: Config, teacher_run_id: str, device: torch.device, *, force: bool
         stats = _fill_owned(cfg, path, teacher, rows, plan, device, prior)
         every = distributed.gather_objects(stats)  # also the barrier: every rank's chunks are on disk
         per_rank = {f"build/chunks_rank{r}": s.chunks_written for r, s in enumerate(every)}
-        _finish(cfg, tracked, path, teacher, rows, _combined(every), device, extra=per_rank)
-        return tracked.run_id
+        try:
+            _finish(cfg, tracked, path, teacher, rows, _combined(every), device, extra=per_rank)
+        except Exception as exc:
+            distributed.broadcast_object(f"{type(exc).__name__}: {exc}")
+            raise
+    distributed.broadcast_object("")  # the run has ended FINISHED: the others may now use the cache
+    return tracked.run_id
 
 
 def _follow(cfg: Config, teacher_run_id: str, device: torch.device) -> str:
-    """Rank > 0: wait for rank 0's plan, fill this rank's chunks of its store; never writes to the tracking store."""
+    """Rank > 0: wait for rank 0's plan, fill this rank's chunks of its store, wait for rank 0 to finish the run;
+    never writes to the tracking store."""
     job: _Job = distributed.broadcast_object(None)
     if job.error:
         raise CacheError(f"rank 0 failed before the build: {job.error}", "see rank 0's error above and fix that")
@@ -227,6 +246,9 @@ def _follow(cfg: Config, teacher_run_id: str, device: torch.device) -> str:
         raise CacheError(f"rank {distributed.rank()} computed cache key {plan.key[:12]}, rank 0 {job.key[:12]}",
                          "give every rank the same config, data and teacher run")
     distributed.gather_objects(_fill_owned(cfg, job.path, teacher, rows, plan, device, job.prior))
+    failure = distributed.broadcast_object(None)  # returns once rank 0 has verified the store and ended the run
+    if failure:
+        raise CacheError(f"rank 0 could not finish the cache: {failure}", "see rank 0's error above and fix that")
     return job.run_id
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from kdtrack import checkpoint, engine, tracking
+from kdtrack import checkpoint, distributed, engine, tracking
 from kdtrack.cache import LogitTable
 from kdtrack.config import Config
 from kdtrack.data import IndexedDataset, make_loader
@@ -96,7 +96,7 @@ def resolve_cache(cfg: Config, teacher: Teacher, digest: str, build_missing: boo
     if not fresh and build_missing:
         from kdtrack.stages import cache_logits  # the stage that builds it; imported only when needed
 
-        fresh = [tracking.get_run(cache_logits.run(cfg, teacher.run_id))]
+        fresh = [tracking.get_run(cache_logits.run(cfg, teacher.run_id))]  # under torchrun, with every rank
     if not fresh:
         stale = f" ({len(found)} cache(s) of this teacher exist, for other data or another checkpoint)" if found else ""
         raise CacheNotFound(
@@ -117,7 +117,12 @@ def _feature_kd(cfg: Config, teachers: list[Teacher], student: torch.nn.Module, 
     method = build_feature_method(cfg.method, student, teacher.model, train.input_shape)
     tags = {}
     if cfg.method == "ft":
-        tags[f"{T}paraphraser"] = _prepare_paraphraser(cfg, teacher, method, train, digest, device)
+        # Under DDP rank 0 trains and stores the paraphraser first; the other ranks then load that one.
+        if distributed.rank() == 0:
+            tags[f"{T}paraphraser"] = _prepare_paraphraser(cfg, teacher, method, train, digest, device)
+        distributed.barrier()
+        if distributed.rank() != 0:
+            tags[f"{T}paraphraser"] = _prepare_paraphraser(cfg, teacher, method, train, digest, device)
     return Distillation(FeatureKD(method, teacher.model, alpha=cfg.kd.alpha), modules={"method": method}, tags=tags)
 
 

@@ -1,19 +1,20 @@
 """Train a student against its teachers' cached logits (or live teachers); its run holds checkpoints and KD metrics."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from kdtrack import config, engine, tracking
+from kdtrack import config, distributed, engine, tracking
 from kdtrack.config import Config
 from kdtrack.data import IndexedDataset, dataset_digest, distillation_rows, fit_normalisation, student_dataset
 from kdtrack.errors import BadInput
 from kdtrack.losses.kd import kd_loss
 from kdtrack.models import build_model, spec_from_config
-from kdtrack.stages.distillation import build_distillation
+from kdtrack.stages.distillation import Distillation, build_distillation
 from kdtrack.stages.training import Saver, progress_enabled, split_loaders
 from kdtrack.teachers import Teacher, check_fits, load_teacher
 
@@ -23,11 +24,20 @@ T = tracking.TAG
 
 def run(cfg: Config, teacher_run_ids: list[str] = (), *, build_missing_cache: bool = False,
         resume_run_id: str | None = None) -> str:
-    """Train `cfg.student.model` by `cfg.method` from the teachers (none: plain CE); return the student run id."""
+    """Train `cfg.student.model` by `cfg.method` from the teachers (none: plain CE); return the student run id.
+
+    Under torchrun the student trains with DDP: each rank takes its share of every batch and holds its own
+    LogitTable; rank 0 owns the run, logs, checkpoints and tests, and alone returns the run id (others: "")."""
     engine.seed_everything(cfg.seed)
-    device = engine.resolve_device(cfg.device)
+    device = distributed.device_for(engine.resolve_device(cfg.device))
     if cfg.method != "none" and not teacher_run_ids:
         raise BadInput(f"method {cfg.method} needs a teacher", "pass --teacher-run-id, or --set method=none")
+    with distributed.process_group(device):
+        return _train(cfg, list(teacher_run_ids), device, build_missing_cache, resume_run_id)
+
+
+def _train(cfg: Config, teacher_run_ids: list[str], device: torch.device, build_missing_cache: bool,
+           resume_run_id: str | None) -> str:
     teachers = [load_teacher(t, device, cfg.cache.checkpoint) for t in teacher_run_ids]
     data = student_dataset(cfg.data)
     for teacher in teachers:
@@ -37,6 +47,7 @@ def run(cfg: Config, teacher_run_ids: list[str] = (), *, build_missing_cache: bo
     norm = teachers[0].normalisation if teachers else fit_normalisation(data.select(["train"]))
     splits = {"train": train, **{s: data.select([s]) for s in ("val", "test") if s in data.split_counts()}}
     splits = {name: ds.with_normalisation(norm) for name, ds in splits.items()}
+    loaders = split_loaders(cfg, splits, device, shard=(distributed.rank(), distributed.world_size()))
     spec = spec_from_config(cfg.student.model, data.num_classes, data.input_shape)
     model = build_model(spec).to(device)
     digest = dataset_digest(train)
@@ -46,32 +57,48 @@ def run(cfg: Config, teacher_run_ids: list[str] = (), *, build_missing_cache: bo
     scheduler = engine.build_scheduler(optimizer, cfg.student.optim)
     amp = engine.amp_dtype(cfg.train.amp, device)
     scaler = engine.make_scaler(amp, device)
-    loaders = split_loaders(cfg, splits, device)
-    with tracking.stage_run(STAGE, cfg, run_name=run_name(cfg), description=_describe(cfg, spec.name, teachers, train),
-                            resume_run_id=resume_run_id) as tracked, tempfile.TemporaryDirectory() as tmp:
-        tracked.set_tags({f"{T}method": cfg.method, f"{T}teacher_mode": cfg.teacher_mode,
-                          f"{T}teacher_run_ids": ",".join(teacher_run_ids), f"{T}dataset_digest": digest,
-                          f"{T}model": spec.name, **distill.tags})
-        if not resume_run_id:
-            tracked.log_dataset(name=train.source, digest=digest, context="train",
-                                source={"source": train.source, "splits": ",".join(train.split_counts())})
-            for cache in distill.caches:
-                tracked.log_dataset(name=f"logits-{cache.teacher_run_id[:8]}", digest=cache.cache_key,
-                                    context="teacher_logits", source={"cache_run_id": cache.run_id})
+    lead = distributed.rank() == 0
+    tracked_run = (tracking.stage_run(STAGE, cfg, run_name=run_name(cfg), resume_run_id=resume_run_id,
+                                      description=_describe(cfg, spec.name, teachers, train))
+                   if lead else contextlib.nullcontext())
+    with tracked_run as tracked, tempfile.TemporaryDirectory() as tmp:
+        if lead:
+            _log_inputs(tracked, cfg, teacher_run_ids, digest, spec.name, train, distill, resumed=bool(resume_run_id))
         saver = Saver(tracked, Path(tmp), model=model, spec=spec.to_dict(), norm=norm.to_dict(), optimizer=optimizer,
                       scheduler=scheduler, scaler=scaler, cfg=config.to_dict(cfg), modules=distill.modules,
                       metric_sources=[distill.loss.pop_stats] if hasattr(distill.loss, "pop_stats") else [])
-        start_epoch = saver.resume(resume_run_id) if resume_run_id else 0
-        engine.fit(model, loaders["train"], optimizer, loss_fn=distill.loss, epochs=cfg.student.optim.epochs,
-                   device=device, scheduler=scheduler, val_loader=loaders.get("val"), start_epoch=start_epoch,
-                   scaler=scaler, amp_dtype=amp, seed=cfg.seed, on_epoch_end=saver.on_epoch_end,
-                   progress=progress_enabled(cfg.train.progress))
+        start_epoch = saver.resume(resume_run_id) if resume_run_id else 0  # every rank restores the same state
+        for module in distill.modules.values():
+            distributed.average_gradients(module)
+        engine.fit(distributed.wrap(model, device), loaders["train"], optimizer, loss_fn=distill.loss,
+                   epochs=cfg.student.optim.epochs, device=device, scheduler=scheduler, start_epoch=start_epoch,
+                   val_loader=loaders.get("val") if lead else None, eval_model=model, scaler=scaler, amp_dtype=amp,
+                   seed=cfg.seed, on_epoch_end=saver.on_epoch_end if lead else None,
+                   progress=lead and progress_enabled(cfg.train.progress))
+        if not lead:
+            return ""
         saver.load_best(device)
         final = {**saver.best_metrics(), **_test_report(model, teachers, loaders.get("test"), device, amp)}
         tracked.log_metrics(final, step=max(cfg.student.optim.epochs - 1, 0))
-        print(f"student run {tracked.run_id} ({run_name(cfg)}): test accuracy {final.get('test/acc', float('nan')):.4f}",
+        accuracy = final.get("test/acc", float("nan"))
+        print(f"student run {tracked.run_id} ({run_name(cfg)}): test accuracy {accuracy:.4f}",
               file=sys.stderr)
         return tracked.run_id
+
+
+def _log_inputs(tracked: tracking.StageRun, cfg: Config, teacher_run_ids: list[str], digest: str, model_name: str,
+                train: IndexedDataset, distill: Distillation, *, resumed: bool) -> None:
+    """Lineage tags, and (once, not again on resume) the training rows and teacher caches as dataset inputs."""
+    tracked.set_tags({f"{T}method": cfg.method, f"{T}teacher_mode": cfg.teacher_mode,
+                      f"{T}teacher_run_ids": ",".join(teacher_run_ids), f"{T}dataset_digest": digest,
+                      f"{T}model": model_name, f"{T}processes": str(distributed.world_size()), **distill.tags})
+    if resumed:
+        return
+    tracked.log_dataset(name=train.source, digest=digest, context="train",
+                        source={"source": train.source, "splits": ",".join(train.split_counts())})
+    for cache in distill.caches:
+        tracked.log_dataset(name=f"logits-{cache.teacher_run_id[:8]}", digest=cache.cache_key,
+                            context="teacher_logits", source={"cache_run_id": cache.run_id})
 
 
 def run_name(cfg: Config) -> str:

@@ -12,17 +12,26 @@ import torch
 from kdtrack import checkpoint, tracking
 from kdtrack.config import Config
 from kdtrack.data import IndexedDataset, make_loader
-from kdtrack.errors import CheckpointError
+from kdtrack.errors import CheckpointError, ConfigError
 
 
-def split_loaders(cfg: Config, splits: dict[str, IndexedDataset],
-                  device: torch.device) -> dict[str, torch.utils.data.DataLoader]:
-    """A shuffled (seeded, per-epoch) loader for `train`, plain ones for the evaluation splits."""
+def split_loaders(cfg: Config, splits: dict[str, IndexedDataset], device: torch.device,
+                  shard: tuple[int, int] = (0, 1)) -> dict[str, torch.utils.data.DataLoader]:
+    """A shuffled (seeded, per-epoch) loader for `train`, plain ones for the evaluation splits.
+
+    With `shard=(rank, world)` the train loader yields this rank's share in batches of data.batch_size / world,
+    so a step still sees data.batch_size rows in all and one config means the same run at any process count."""
+    rank, world = shard
+    batch = cfg.data.batch_size
+    if batch % world:
+        raise ConfigError(f"data.batch_size={batch} does not split evenly over {world} processes",
+                          f"use a multiple of {world}, e.g. --set data.batch_size={batch // world * world or world}")
     loaders = {}
     for name, ds in splits.items():
         train = name == "train"
-        loaders[name] = make_loader(ds, cfg.data.batch_size if train else cfg.data.eval_batch_size,
-                                    shuffle=train, seed=cfg.seed, num_workers=cfg.data.num_workers, device=device)
+        loaders[name] = make_loader(ds, batch // world if train else cfg.data.eval_batch_size,
+                                    shuffle=train, seed=cfg.seed, num_workers=cfg.data.num_workers, device=device,
+                                    shard=shard if train else (0, 1))
     return loaders
 
 
@@ -35,9 +44,10 @@ class Saver:
     """Epoch-end callback: log metrics, write `last.pt` every epoch and `best.pt` when val accuracy improves.
 
     `modules` are extra trainable parts (e.g. feature-distillation connectors) saved and restored with the model;
-    `metric_sources` add per-epoch figures (e.g. the KD weight) before logging."""
+    `metric_sources` add per-epoch figures (e.g. the KD weight) before logging. `tracked` is None on DDP ranks
+    other than 0, which only `resume`."""
 
-    tracked: tracking.StageRun
+    tracked: tracking.StageRun | None
     workdir: Path
     model: torch.nn.Module
     spec: dict
@@ -50,11 +60,13 @@ class Saver:
     metric_sources: list[Callable[[], dict[str, float]]] = field(default_factory=list)
     best_acc: float = -math.inf
     best_epoch: int = -1
+    logged_through: int = -1  # last epoch whose metrics the run already holds (a resumed run may repeat one)
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         for source in self.metric_sources:
             metrics.update({f"train/{k}": v for k, v in source().items()})
-        self.tracked.log_metrics(metrics, step=epoch)
+        if epoch > self.logged_through:  # a crash between the metrics and last.pt must not log an epoch twice
+            self.tracked.log_metrics(metrics, step=epoch)
         val_acc = metrics.get("val/acc", math.nan)
         improved = not math.isfinite(self.best_acc) or (math.isfinite(val_acc) and val_acc > self.best_acc)
         if improved:
@@ -87,6 +99,8 @@ class Saver:
         for name, module in self.modules.items():
             module.load_state_dict(extra["modules"][name])
         self.best_acc, self.best_epoch = extra.get("best_val_acc", -math.inf), extra.get("best_epoch", -1)
+        history = tracking.metric_histories({run_id: ["train/loss"]})[run_id]["train/loss"]
+        self.logged_through = max((step for step, _ in history), default=-1)
         return checkpoint.restore(payload, model=self.model, optimizer=self.optimizer,
                                   scheduler=self.scheduler, scaler=self.scaler)
 
