@@ -42,6 +42,21 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+def cli(*args: str) -> tuple[int, str, str]:
+    """`kdtrack ARGS` in this process: exit code, stdout, stderr."""
+    from click.testing import CliRunner
+
+    from kdtrack.cli import main
+
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def set_args(*items: str) -> list[str]:
+    """`--set KEY=VALUE` for each item."""
+    return [arg for item in items for arg in ("--set", item)]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -12,21 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from conftest import DIGITS, TINY_TEACHER, free_port, subprocess_env
+from conftest import DIGITS, TINY_TEACHER, cli, free_port, subprocess_env
 from kdtrack import checkpoint, config, tracking
-from kdtrack.cli import main
 from kdtrack.stages import train_teacher
 
 MISSING_RUN = "0123456789abcdef0123456789abcdef"
 EXPERIMENT = "bad-inputs"
-
-
-def _cli(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
 
 
 @dataclass
@@ -43,7 +36,7 @@ class Ctx:
 @pytest.fixture(scope="module")
 def ctx(digits_teacher: str, tmp_path_factory: pytest.TempPathFactory) -> Ctx:
     victim = train_teacher.run(config.load(DIGITS, [*TINY_TEACHER, "optim.epochs=1", f"experiment={EXPERIMENT}"]))
-    code, out, err = _cli("cache-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
+    code, out, err = cli("cache-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
                           "--set", f"experiment={EXPERIMENT}")
     assert code == 0, err
     client = MlflowClient()
@@ -265,7 +258,7 @@ def test_bad_input(ctx: Ctx, code: int, text: str, args: Args, setup: Callable[[
     try:
         if setup:
             setup(ctx)
-        exit_code, _out, err = _cli(*args(ctx))
+        exit_code, _out, err = cli(*args(ctx))
     finally:
         best.write_bytes(kept)
     _assert_one_line_error(err, text)
@@ -286,7 +279,7 @@ def test_pickle_payload_never_runs(ctx: Ctx):
     kept = best.read_bytes()
     try:
         _plant_pickle(ctx)
-        code, _out, err = _cli(*TEACHER, "--teacher-run-id", ctx.victim)
+        code, _out, err = cli(*TEACHER, "--teacher-run-id", ctx.victim)
     finally:
         best.write_bytes(kept)
     assert code == 1 and not marker.exists()
@@ -312,13 +305,13 @@ def test_unreachable_tracking_server_fails_fast(command: list[str], store: str):
 def test_verify_cache_after_the_data_changed(ctx: Ctx):
     """A cache built for one manifest, verified after a sample was added to it: coverage fails, store incomplete."""
     path = Path(_manifest(ctx, "grows", []))
-    code, out, err = _cli("cache-logits", "--teacher-run-id", ctx.teacher, "--set", "data.source=manifest",
+    code, out, err = cli("cache-logits", "--teacher-run-id", ctx.teacher, "--set", "data.source=manifest",
                           "--set", f"data.manifest={path}", "--set", f"experiment={EXPERIMENT}")
     assert code == 0, err
     run_id = out.strip()
     np.save(path.parent / "new.npy", np.ones((1, 8, 8), dtype=np.float32))
     path.write_text(json.dumps([*json.loads(path.read_text()), {"file": "new.npy", "label": 3, "split": "train"}]))
-    code, out, err = _cli("verify-cache", "--run-id", run_id, "--recompute", "4")
+    code, out, err = cli("verify-cache", "--run-id", run_id, "--recompute", "4")
     assert code == 1 and "new.npy" in out, out
     _assert_one_line_error(err, f"cache run {run_id} failed verification")
     assert MlflowClient().get_run(run_id).data.tags["kdtrack.complete"] == "false"

@@ -10,20 +10,13 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from conftest import DIGITS, REPO, TINY_TEACHER, subprocess_env
+from conftest import DIGITS, REPO, TINY_TEACHER, cli, subprocess_env
 from kdtrack import checkpoint, config, tracking
-from kdtrack.cli import main
 from kdtrack.data import build_dataset, dataset_digest, distillation_rows
 from kdtrack.stages import cache_logits, train_teacher
 from kdtrack.teachers import load_teacher
-
-
-def _cli(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
 
 
 def _store_path(run_id: str) -> Path:
@@ -32,7 +25,7 @@ def _store_path(run_id: str) -> Path:
 
 @pytest.fixture(scope="module")
 def digits_cache(digits_teacher: str) -> str:
-    code, out, err = _cli("cache-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
+    code, out, err = cli("cache-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
                           "--set", "cache.chunk_rows=256", "--set", "experiment=caches")
     assert code == 0, err
     return out.strip()
@@ -65,17 +58,17 @@ def test_cache_run_lineage_and_contents(digits_teacher: str, digits_cache: str):
 def test_finished_cache_is_reused_and_force_rebuilds(digits_teacher: str, digits_cache: str):
     args = ("cache-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
             "--set", "cache.chunk_rows=256", "--set", "experiment=caches")
-    code, out, err = _cli(*args)
+    code, out, err = cli(*args)
     assert code == 0 and out.strip() == digits_cache
     assert f"reusing cache run {digits_cache}" in err
-    code, out, _ = _cli(*args, "--force")
+    code, out, _ = cli(*args, "--force")
     assert code == 0 and out.strip() != digits_cache
     np.testing.assert_array_equal(zarr.open_group(str(_store_path(out.strip())))["logits"][:],
                                   zarr.open_group(str(_store_path(digits_cache)))["logits"][:])
 
 
 def test_leakage_is_refused_naming_the_sample(digits_teacher: str):
-    code, _out, err = _cli("cache-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
+    code, _out, err = cli("cache-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
                            "--split", "train", "--split", "test")
     assert code == 2
     test_ids = build_dataset(config.load(DIGITS).data).select(["test"]).sample_ids
@@ -91,7 +84,7 @@ def test_teacher_resolution_errors(case: str, digits_cache: str, tmp_path: Path)
         run_id = train_teacher.run(config.load(DIGITS, [*TINY_TEACHER, "optim.epochs=1", "experiment=broken"]))
         (tracking.local_artifact_dir(run_id) / "checkpoints" / "last.pt").unlink()
         extra = ["--checkpoint", "last"]
-    code, _out, err = _cli("cache-logits", "--teacher-run-id", run_id, "--config", str(DIGITS), *extra)
+    code, _out, err = cli("cache-logits", "--teacher-run-id", run_id, "--config", str(DIGITS), *extra)
     assert code == 2 and "Traceback" not in err
     expected = {
         "not-found": f"error: teacher run {run_id} not found",
@@ -114,10 +107,10 @@ def test_architecture_and_size_mismatch_are_named(store: str):
     renamed, resized = train_teacher.run(cfg), train_teacher.run(cfg)
     _rewrite_checkpoint(renamed, lambda p: p["state_dict"].update(extra_layer=p["state_dict"].pop("fc.weight")))
     _rewrite_checkpoint(resized, lambda p: p["spec"]["kwargs"].update(hidden=[48]))
-    code, _out, err = _cli("cache-logits", "--teacher-run-id", renamed, "--config", str(DIGITS))
+    code, _out, err = cli("cache-logits", "--teacher-run-id", renamed, "--config", str(DIGITS))
     assert code == 1 and "does not match its architecture: 1 missing keys (fc.weight), 1 unexpected keys " \
                           "(extra_layer)" in err
-    code, _out, err = _cli("cache-logits", "--teacher-run-id", resized, "--config", str(DIGITS))
+    code, _out, err = cli("cache-logits", "--teacher-run-id", resized, "--config", str(DIGITS))
     assert code == 1 and "layer blocks.0.0.weight has shape (32, 64) in the checkpoint but (48, 64)" in err, err
 
 
@@ -128,17 +121,17 @@ def _flip_byte(path: Path) -> None:
 
 
 def test_corrupted_chunk_is_named_and_repaired(digits_teacher: str):
-    code, out, _ = _cli("cache-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
+    code, out, _ = cli("cache-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
                         "--set", "cache.chunk_rows=256", "--set", "experiment=corrupt", "--force")
     run_id = out.strip()
     path = _store_path(run_id)
     good = zarr.open_group(str(path))["logits"][:]
     _flip_byte(path / "logits" / "c" / "2" / "0")
-    code, out, err = _cli("verify-cache", "--run-id", run_id, "--recompute", "8")
+    code, out, err = cli("verify-cache", "--run-id", run_id, "--recompute", "8")
     assert code == 1 and "chunk 2" in out and err.startswith(f"error: cache run {run_id} failed verification")
     assert MlflowClient().get_run(run_id).data.tags["kdtrack.complete"] == "false"
     assert zarr.open_group(str(path)).attrs["complete"] is False
-    code, out, err = _cli("verify-cache", "--run-id", run_id, "--repair")
+    code, out, err = cli("verify-cache", "--run-id", run_id, "--repair")
     assert code == 0, out + err
     assert "repaired chunks 2" in out
     np.testing.assert_array_equal(zarr.open_group(str(path))["logits"][:], good)
@@ -146,21 +139,21 @@ def test_corrupted_chunk_is_named_and_repaired(digits_teacher: str):
 
 
 def test_verify_fails_on_nan_row_and_missing_sample(digits_teacher: str):
-    code, out, _ = _cli("cache-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
+    code, out, _ = cli("cache-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
                         "--set", "cache.chunk_rows=256", "--set", "experiment=nan", "--force")
     run_id = out.strip()
     group = zarr.open_group(str(_store_path(run_id)), mode="r+")
     row = group["logits"][5].copy()
     group["logits"][5] = np.full_like(row, np.nan)
-    code, out, _ = _cli("verify-cache", "--run-id", run_id, "--recompute", "0")
+    code, out, _ = cli("verify-cache", "--run-id", run_id, "--recompute", "0")
     assert code == 1 and "NaN/Inf" in out
     group["logits"][5] = row
     missing = str(group["sample_ids"][7])
     group["sample_ids"][7] = "digits/not-a-sample"
-    code, out, _ = _cli("verify-cache", "--run-id", run_id, "--recompute", "0")
+    code, out, _ = cli("verify-cache", "--run-id", run_id, "--recompute", "0")
     assert code == 1 and missing in out
     group["sample_ids"][7] = missing
-    code, out, err = _cli("verify-cache", "--run-id", run_id, "--recompute", "0")
+    code, out, err = cli("verify-cache", "--run-id", run_id, "--recompute", "0")
     assert code == 0, out + err
 
 
@@ -205,7 +198,7 @@ def test_appended_samples_are_the_only_ones_computed_and_stale_data_is_not_reuse
 
 def test_retrained_teacher_gets_its_own_cache(digits_cache: str):
     retrained = train_teacher.run(config.load(DIGITS, [*TINY_TEACHER, "seed=1", "experiment=caches"]))
-    code, out, err = _cli("cache-logits", "--teacher-run-id", retrained, "--config", str(DIGITS),
+    code, out, err = cli("cache-logits", "--teacher-run-id", retrained, "--config", str(DIGITS),
                           "--set", "cache.chunk_rows=256", "--set", "experiment=caches")
     assert code == 0 and out.strip() != digits_cache and "reusing" not in err
 
@@ -235,7 +228,7 @@ def test_interrupted_build_resumes_in_the_same_run(digits_teacher: str, monkeypa
 
 def test_several_teachers_nest_under_one_parent(digits_teacher: str, digits_cache: str):
     other = train_teacher.run(config.load(DIGITS, [*TINY_TEACHER, "seed=2", "experiment=caches"]))
-    code, out, err = _cli("cache-logits", "--teacher-run-id", digits_teacher, "--teacher-run-id", other,
+    code, out, err = cli("cache-logits", "--teacher-run-id", digits_teacher, "--teacher-run-id", other,
                           "--config", str(DIGITS), "--set", "cache.chunk_rows=256", "--set", "experiment=caches")
     assert code == 0, err
     first, second = out.split()
@@ -249,7 +242,7 @@ def test_several_teachers_nest_under_one_parent(digits_teacher: str, digits_cach
 def test_recompute_logits_exports_npz_matching_the_cache(digits_teacher: str, tmp_path: Path):
     split_file = tmp_path / "tunev_indices.json"
     split_file.write_text(json.dumps([3, 1, 4, 15, 9, 26]))
-    code, out, err = _cli("recompute-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
+    code, out, err = cli("recompute-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
                           "--set", "experiment=recompute", "--export-npz", str(tmp_path / "out"),
                           "--splits", "val", "test", str(split_file))
     assert code == 0, err
@@ -265,7 +258,7 @@ def test_recompute_logits_exports_npz_matching_the_cache(digits_teacher: str, tm
         assert float(accuracy) == pytest.approx((npz["predictions"] == npz["targets"]).mean(), abs=1e-4)
     tunev = np.load(tmp_path / "out" / digits_teacher / "tunev_logits.npz")
     assert list(tunev["sample_ids"]) == [full.sample_ids[i] for i in sorted([3, 1, 4, 15, 9, 26])]
-    code, out, err = _cli("recompute-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
+    code, out, err = cli("recompute-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
                           "--set", "experiment=recompute", "--splits", "val", "--min-accuracy", "1.0")
     assert code == 1 and "below the minimum" in out
 

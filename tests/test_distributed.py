@@ -14,7 +14,7 @@ from kdtrack.data import EpochShuffleSampler, student_dataset
 from kdtrack.errors import ConfigError, DataError
 from kdtrack.stages import cache_logits, train_student
 from kdtrack.stages.training import split_loaders
-from conftest import DIGITS, free_port, subprocess_env
+from conftest import DIGITS, free_port, set_args, subprocess_env
 
 OVERRIDES = ["cache.chunk_rows=128", "experiment=ddp-cache"]
 
@@ -25,7 +25,7 @@ def _logits(run_id: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_two_ranks_build_one_cache_equal_to_one_process(store: str, digits_teacher: str) -> None:
-    sets = [arg for item in OVERRIDES for arg in ("--set", item)]
+    sets = set_args(*OVERRIDES)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                "--master-port", str(free_port()), "-m", "kdtrack", "cache-logits", "--teacher-run-id", digits_teacher,
                "--config", str(DIGITS), *sets, "--force"]
@@ -85,7 +85,7 @@ def test_ddp_student_trains_as_one_process_would(store: str, digits_teacher: str
     """Two gloo ranks with half batches each take the same steps as one process with whole batches: the
     shards of a step are that step's batch, and DDP averages the gradients. So the weights and the logged
     losses agree to float rounding; they would not if the ranks shared rows, or kept their own gradients."""
-    sets = [arg for item in STUDENT for arg in ("--set", item)]
+    sets = set_args(*STUDENT)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                "--master-port", str(free_port()), "-m", "kdtrack", "train-student", "--teacher-run-id",
                digits_teacher, "--config", str(DIGITS), *sets, "--build-missing-cache"]

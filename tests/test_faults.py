@@ -19,23 +19,16 @@ import fault_child
 import pytest
 import torch
 from cache_build_child import CHUNK_ROWS, N_ROWS, build_tiny_cache
-from click.testing import CliRunner
-from conftest import DIGITS, subprocess_env
+from conftest import DIGITS, cli, set_args, subprocess_env
 from mlflow.tracking import MlflowClient
 
 from kdtrack import checkpoint, claims, config, tracking
 from kdtrack.cache import done_flags, open_store
-from kdtrack.cli import main
 from kdtrack.stages import cache_logits, train_student
 
 FAULT_CHILD = str(Path(__file__).resolve().parent / "fault_child.py")
 KILLED = -signal.SIGKILL
 ANY_STATUS = ("RUNNING", "FINISHED", "FAILED", "KILLED")
-
-
-def _cli(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
 
 
 def _script(fault: str) -> subprocess.Popen:
@@ -73,10 +66,6 @@ class _Command:
         self.process.join(300)
         out, err = (Path(f"{self.logs}.{suffix}").read_text() for suffix in ("out", "err"))
         return self.process.exitcode, out, err
-
-
-def _sets(*items: str) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
 
 
 def _contents(store: Path) -> dict[str, object]:
@@ -159,7 +148,7 @@ def test_killed_cache_stage_resumes_its_run_to_a_bit_identical_store(point: str,
                                                                      tmp_path: Path) -> None:
     fault, seed = STAGE_KILLS[point]
     sets = ("cache.chunk_rows=128", f"data.seed={seed}", f"experiment=faults-{point}")
-    args = ("cache-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS), *_sets(*sets))
+    args = ("cache-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS), *set_args(*sets))
     code, _out, err = _Command(forkserver, tmp_path / "killed", fault, *args).wait()
     assert code == KILLED, err[-3000:]
     client = MlflowClient()
@@ -193,7 +182,7 @@ def test_killed_cache_stage_resumes_its_run_to_a_bit_identical_store(point: str,
 
 def test_two_builds_of_one_cache_at_once_end_with_one_run(digits_teacher: str, forkserver, tmp_path: Path) -> None:
     args = ("cache-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
-            *_sets("cache.chunk_rows=128", "data.seed=24", "experiment=faults-concurrent"))
+            *set_args("cache.chunk_rows=128", "data.seed=24", "experiment=faults-concurrent"))
     # Whichever takes the claim builds only once the other has said it waits: an overlap by construction.
     children = [_Command(forkserver, tmp_path / f"build{i}", f"hand-off:{tmp_path}", *args) for i in range(2)]
     results = [(child.pid, *child.wait()) for child in children]  # (pid, exit code, stdout, stderr)
@@ -210,7 +199,7 @@ def test_two_builds_of_one_cache_at_once_end_with_one_run(digits_teacher: str, f
     assert (f"another process (pid {builder} on {socket.gethostname()}) is building cache {key[:12]}; "
             "waiting for it") in waits[0][1]
     assert f"reusing cache run {run_id}" in waits[0][1]
-    code, out, err = _cli("verify-cache", "--run-id", run_id)
+    code, out, err = cli("verify-cache", "--run-id", run_id)
     assert code == 0, out + err
 
 
@@ -252,7 +241,7 @@ def test_student_killed_mid_epoch_resumes_from_last_pt(digits_teacher: str, fork
     cache_logits.run(cfg, digits_teacher)
     straight = train_student.run(cfg, [digits_teacher])
     code, _out, err = _Command(forkserver, tmp_path / "killed", "step:1:2", "train-student", "--teacher-run-id",
-                               digits_teacher, "--config", str(DIGITS), *_sets(*sets)).wait()
+                               digits_teacher, "--config", str(DIGITS), *set_args(*sets)).wait()
     assert code == KILLED, err[-3000:]
     client = MlflowClient()
     experiment = client.get_experiment_by_name("faults-student").experiment_id

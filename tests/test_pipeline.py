@@ -7,26 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from conftest import DIGITS, TINY_TEACHER
+from conftest import DIGITS, TINY_TEACHER, cli
 from kdtrack import checkpoint, config, tracking
 from kdtrack.cache import LogitTable
-from kdtrack.cli import main
 from kdtrack.stages import train_student
 
 TINY = (*TINY_TEACHER, "student.model.hidden=[8]", "student.optim.epochs=2", "cache.chunk_rows=512")
 
 
-def _cli(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
-
-
 def _pipeline(experiment: str, *extra: str) -> tuple[int, str, str]:
     sets = [a for s in (*TINY, f"experiment={experiment}") for a in ("--set", s)]
-    return _cli("pipeline", "--config", str(DIGITS), "--students", "kd,none", *sets, *extra)
+    return cli("pipeline", "--config", str(DIGITS), "--students", "kd,none", *sets, *extra)
 
 
 def _steps(parent: str) -> dict[str, list]:
@@ -107,10 +100,10 @@ def test_sweep_skips_finished_and_reruns_failed(store: str, monkeypatch: pytest.
         return original(cfg, teachers, **kwargs)
 
     monkeypatch.setattr(train_student, "run", fail_alpha_09)
-    code, out, err = _cli(*args)
+    code, out, err = cli(*args)
     assert code == 1 and "1 of 4 sweep runs failed (kd.alpha=0.9 seed 1)" in err
     monkeypatch.setattr(train_student, "run", original)
-    code, out, err = _cli(*args)
+    code, out, err = cli(*args)
     assert code == 0, err
     assert err.count("reusing run") == 2 + 3  # teacher, cache and the three students that finished
     assert "kd.alpha=0.5" in out and " 2 " in out.splitlines()[1]
@@ -118,30 +111,30 @@ def test_sweep_skips_finished_and_reruns_failed(store: str, monkeypatch: pytest.
     csv_text = Path(tracking.artifact_path(parent, "results.csv")).read_text().splitlines()
     assert csv_text[0].startswith("combination,seeds,val/acc mean,val/acc std,best/val_acc mean")
     assert len(csv_text) == 3
-    code, out, err = _cli(*args, "--force-restart")
+    code, out, err = cli(*args, "--force-restart")
     assert code == 0 and err.count("reusing run") == 2  # only teacher and cache
 
 
 def test_fetch_gives_loadable_checkpoints_and_cache(first_pipeline: str, tmp_path: Path):
     steps = _steps(first_pipeline)
-    code, out, _ = _cli("fetch", "--run-id", steps["teacher"][0], "--out", str(tmp_path))
+    code, out, _ = cli("fetch", "--run-id", steps["teacher"][0], "--out", str(tmp_path))
     assert code == 0
     folder = Path(out.strip())
     payload = checkpoint.load(folder / "best.pt")
     tags = MlflowClient().get_run(steps["teacher"][0]).data.tags
     assert payload["weights_sha256"] == tags["kdtrack.checkpoint_sha256"]
-    code, out, _ = _cli("fetch", "--run-id", steps["cache"][0], "--out", str(tmp_path))
+    code, out, _ = cli("fetch", "--run-id", steps["cache"][0], "--out", str(tmp_path))
     assert code == 0
     fetched = LogitTable.open(out.strip())
     original = LogitTable.open(tracking.artifact_path(steps["cache"][0], "logits.zarr"))
     rows = np.arange(len(original))
     assert torch.equal(fetched[rows], original[rows])
-    code, _out, err = _cli("fetch", "--run-id", first_pipeline, "--out", str(tmp_path))
+    code, _out, err = cli("fetch", "--run-id", first_pipeline, "--out", str(tmp_path))
     assert code == 2 and "is a pipeline run with nothing to fetch" in err
 
 
 def test_unknown_student_method_is_refused_before_any_run(store: str):
-    code, _out, err = _cli("pipeline", "--config", str(DIGITS), "--students", "kd,distil",
+    code, _out, err = cli("pipeline", "--config", str(DIGITS), "--students", "kd,distil",
                            "--set", "experiment=never-run")
     assert code == 2 and "method='distil' is not allowed" in err
     assert MlflowClient().get_experiment_by_name("never-run") is None

@@ -20,7 +20,7 @@ from typing import Iterator
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import DIGITS, free_port, mlflow_server, subprocess_env
+from conftest import DIGITS, free_port, mlflow_server, set_args, subprocess_env
 
 
 def _pg_bin() -> Path | None:
@@ -104,7 +104,7 @@ def _finished(proc: subprocess.Popen, timeout: float = 300) -> str:
 
 
 def test_pipeline_and_concurrent_students_on_postgres(tmp_path: Path):
-    sets = [arg for pair in SMALL for arg in ("--set", pair)]
+    sets = set_args(*SMALL)
     with postgres() as backend_uri, mlflow_server(tmp_path, backend_uri) as url:
         env = subprocess_env(MLFLOW_TRACKING_URI=url, KDTRACK_CACHE_DIR=str(tmp_path / "kdcache"),
                              OMP_NUM_THREADS="1")

@@ -7,14 +7,14 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from conftest import DIGITS, TINY_TEACHER, mlflow_server, subprocess_env
+from conftest import DIGITS, TINY_TEACHER, mlflow_server, set_args, subprocess_env
 from kdtrack import checkpoint
 
 
 def test_train_teacher_over_http(tmp_path: Path):
     with mlflow_server(tmp_path) as url:
         env = subprocess_env(MLFLOW_TRACKING_URI=url)
-        args = [arg for pair in (*TINY_TEACHER, "experiment=over-http") for arg in ("--set", pair)]
+        args = set_args(*TINY_TEACHER, "experiment=over-http")
         proc = subprocess.run([sys.executable, "-m", "kdtrack", "train-teacher", "--config", str(DIGITS), *args],
                               env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,26 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from conftest import DIGITS, REPO, TINY_TEACHER, interrupted_after_epoch, subprocess_env
+from conftest import DIGITS, REPO, TINY_TEACHER, cli, interrupted_after_epoch, subprocess_env
 from kdtrack import checkpoint, config, tracking
-from kdtrack.cli import main
 from kdtrack.data import dataset_digest, distillation_rows, student_dataset
 from kdtrack.stages import cache_logits, train_student, train_teacher
 
 STUDENT = ("student.model.name=mlp", "student.model.hidden=[16]", "student.optim.epochs=8", "train.progress=off")
 
 
-def _cli(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
-
-
 def _student(teacher: str, *sets: str) -> tuple[int, str, str]:
     pairs = [a for s in (*STUDENT, "experiment=students", *sets) for a in ("--set", s)]
-    return _cli("train-student", "--config", str(DIGITS), "--teacher-run-id", teacher, *pairs)
+    return cli("train-student", "--config", str(DIGITS), "--teacher-run-id", teacher, *pairs)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +63,7 @@ def test_kd_transfers_the_teacher(kd_and_baseline: tuple[str, str]):
 
 
 def test_lineage_names_the_chain(digits_teacher: str, kd_and_baseline: tuple[str, str]):
-    code, out, _ = _cli("lineage", kd_and_baseline[0])
+    code, out, _ = cli("lineage", kd_and_baseline[0])
     lines = out.strip().splitlines()
     cache_id = MlflowClient().get_run(kd_and_baseline[0]).data.tags["kdtrack.cache_run_ids"]
     assert code == 0 and len(lines) == 3
@@ -84,7 +77,7 @@ def test_missing_cache_names_the_command_and_build_missing_builds_it(digits_teac
     assert code == 2
     assert err.startswith(f"error: no finished cache for teacher run {digits_teacher} (best.pt) and dataset ")
     assert f"kdtrack cache-logits --teacher-run-id {digits_teacher}" in err
-    code, out, err = _cli("train-student", "--config", str(DIGITS), "--teacher-run-id", digits_teacher,
+    code, out, err = cli("train-student", "--config", str(DIGITS), "--teacher-run-id", digits_teacher,
                           "--build-missing-cache", *[a for s in (*STUDENT, "data.seed=5", "student.optim.epochs=1")
                                                      for a in ("--set", s)])
     assert code == 0, err
@@ -139,11 +132,11 @@ def test_online_kd_and_multi_teacher_fusion(digits_teacher: str, digits_cache_ru
     assert MlflowClient().get_run(out.strip()).info.run_name == "student-kd-t4-a0.7-online"
     second = train_teacher.run(config.load(DIGITS, [*TINY_TEACHER, "seed=3", "experiment=students"]))
     cache_logits.run(config.load(DIGITS, ["experiment=students"]), second)
-    code, out, err = _cli("train-student", "--config", str(DIGITS), "--teacher-run-id", digits_teacher,
+    code, out, err = cli("train-student", "--config", str(DIGITS), "--teacher-run-id", digits_teacher,
                           "--teacher-run-id", second, "--set", "kd.fusion=weighted", "--set", "kd.fusion_weights=[1]",
                           *[a for s in (*STUDENT, "student.optim.epochs=2") for a in ("--set", s)])
     assert code == 2 and "kd.fusion=weighted needs 2 weights, got 1" in err
-    code, out, err = _cli("train-student", "--config", str(DIGITS), "--teacher-run-id", digits_teacher,
+    code, out, err = cli("train-student", "--config", str(DIGITS), "--teacher-run-id", digits_teacher,
                           "--teacher-run-id", second, "--set", "kd.fusion=most_confident",
                           *[a for s in (*STUDENT, "student.optim.epochs=2") for a in ("--set", s)])
     assert code == 0, err
@@ -163,7 +156,7 @@ def test_student_resume_reaches_the_same_weights(digits_teacher: str, digits_cac
     client = MlflowClient()
     (killed,) = client.search_runs([client.get_experiment_by_name("student-resume").experiment_id],
                                    "attributes.status = 'KILLED'")
-    code, out, err = _cli("train-student", "--resume", killed.info.run_id)
+    code, out, err = cli("train-student", "--resume", killed.info.run_id)
     assert code == 0, err
     tag = "kdtrack.checkpoint_sha256_last"
     assert client.get_run(killed.info.run_id).data.tags[tag] == client.get_run(straight).data.tags[tag]

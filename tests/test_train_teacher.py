@@ -7,29 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from conftest import DIGITS, REPO, TINY_TEACHER, interrupted_after_epoch, subprocess_env
+from conftest import DIGITS, REPO, TINY_TEACHER, cli, interrupted_after_epoch, set_args, subprocess_env
 from kdtrack import checkpoint, config, engine
-from kdtrack.cli import main
 from kdtrack.data import build_dataset, dataset_digest, make_loader
 from kdtrack.models import ModelSpec, build_model
 from kdtrack.stages import train_teacher
 
 
-def _cli(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
-
-
-def _sets(*pairs: str) -> list[str]:
-    return [arg for pair in pairs for arg in ("--set", pair)]
-
-
 @pytest.fixture(scope="module")
 def teacher_run(store: str) -> str:
-    code, out, err = _cli("train-teacher", "--config", str(DIGITS), *_sets(*TINY_TEACHER, "experiment=teachers"))
+    code, out, err = cli("train-teacher", "--config", str(DIGITS), *set_args(*TINY_TEACHER, "experiment=teachers"))
     assert code == 0, err
     return out.strip().splitlines()[-1]
 
@@ -88,8 +77,8 @@ def test_checkpoints_load_and_reproduce_the_logged_accuracy(teacher_run: str, tm
 
 def test_a_failing_run_ends_failed_with_one_line(store: str):
     # lr=1e30 blows the weights up after one step: the loss turns non-finite and training must stop.
-    code, _out, err = _cli("train-teacher", "--config", str(DIGITS),
-                           *_sets(*TINY_TEACHER, "optim.lr=1e30", "experiment=failing"))
+    code, _out, err = cli("train-teacher", "--config", str(DIGITS),
+                           *set_args(*TINY_TEACHER, "optim.lr=1e30", "experiment=failing"))
     assert code == 1
     assert err.startswith("error: non-finite loss at epoch 0, step 1") and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
@@ -99,7 +88,7 @@ def test_a_failing_run_ends_failed_with_one_line(store: str):
 
 
 def test_bad_input_exits_2_without_a_run(store: str):
-    code, _out, err = _cli("train-teacher", "--set", "optim.epocs=3", "--set", "experiment=never-created")
+    code, _out, err = cli("train-teacher", "--set", "optim.epocs=3", "--set", "experiment=never-created")
     assert code == 2
     assert err.strip() == ("error: unknown config key optim.epocs — valid keys at optim: name, lr, momentum, "
                            "weight_decay, nesterov, epochs, schedule, step_size, gamma")
@@ -131,7 +120,7 @@ def test_resume_continues_the_same_run_to_the_same_weights(store: str, crash: st
     (interrupted,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
                                         "attributes.status = 'KILLED'")
 
-    code, out, err = _cli("train-teacher", "--resume", interrupted.info.run_id)
+    code, out, err = cli("train-teacher", "--resume", interrupted.info.run_id)
     assert code == 0, err
     assert out.strip() == interrupted.info.run_id
     resumed = client.get_run(interrupted.info.run_id)
