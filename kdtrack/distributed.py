@@ -108,7 +108,7 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     gradients in backward); `model` itself otherwise. Evaluate the unwrapped model: the wrapper's forward syncs."""
     if not active():
         return model
-    ids = [device.index if device.index is not None else local_rank()] if device.type == "cuda" else None
+    ids = [device_for(device).index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
