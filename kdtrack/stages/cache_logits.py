@@ -82,9 +82,14 @@ def _prepare(cfg: Config, teacher_run_id: str, device: torch.device) -> tuple[Te
 
 
 def _claim(teacher: Teacher, plan: _Plan) -> contextlib.AbstractContextManager[None]:
-    """This cache's claim: held by one process on this machine at a time, which then owns its unfinished run."""
-    return claims.claim(tracking.download_dir() / "claims", f"cache-{plan.key}-{teacher.run_id}",
-                        f"building cache {plan.key[:12]}")
+    return cache_claim(plan.key, teacher.run_id)
+
+
+def cache_claim(key: str, teacher_run_id: str, doing: str = "building") -> contextlib.AbstractContextManager[None]:
+    """The claim of cache `key` of `teacher_run_id`: held by one process on this machine at a time (a build or a
+    repair), which then owns its unfinished run and store."""
+    return claims.claim(tracking.download_dir() / "claims", f"cache-{key}-{teacher_run_id}",
+                        f"{doing} cache {key[:12]}")
 
 
 def _reusable(teacher: Teacher, plan: _Plan) -> str | None:
