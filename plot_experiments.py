@@ -9,6 +9,7 @@ weight schedule and coverage, and epoch time per method, each where the selected
 """
 from __future__ import annotations
 
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -130,11 +131,17 @@ def _histories(runs: list[Any], keys: list[str]) -> list[RunHistory]:
     from kdtrack import tracking
 
     wanted = {run.info.run_id: [k for k in keys if k in run.data.metrics] for run in runs}
-    read = tracking.metric_histories(wanted)
+    read = {run_id: {key: [(step, _unclamp(value)) for step, value in history] for key, history in metrics.items()}
+            for run_id, metrics in tracking.metric_histories(wanted).items()}
     return [RunHistory(run_id=run.info.run_id, name=run.info.run_name or "", metrics=read[run.info.run_id],
                        stage=run.data.tags.get("kdtrack.stage", ""), method=run.data.tags.get("kdtrack.method", ""),
                        tags=dict(run.data.tags), params=dict(run.data.params))
             for run in runs]
+
+
+def _unclamp(value: float) -> float:
+    """±Inf again: MLflow's SQL stores keep a logged ±Inf as ±(largest float)."""
+    return math.copysign(math.inf, value) if abs(value) == sys.float_info.max else value
 
 
 def save(figures: dict[str, Figure], out: Path, svg: bool) -> list[Path]:

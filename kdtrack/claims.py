@@ -2,7 +2,7 @@
 
 A claim is an exclusive `flock` on a lock file named by what is claimed. The kernel drops a flock when its holder
 exits however it exits, SIGKILL included, so a killed build never leaves a stale claim behind; a tag in the tracking
-store could promise neither that nor an atomic take. The holder writes its pid and host into the file, so that a
+store could promise neither that nor an atomic take. The holder writes its pid, host and what it does into the file, so that a
 waiter can say whom it waits for, and wipes them as it lets go.
 
 A claim covers the processes of one machine that share the lock folder (kdtrack uses `<download dir>/claims`, see
@@ -29,8 +29,9 @@ _PATIENCE = 20  # tries to wait for a new holder to write who it is, before sayi
 
 @contextlib.contextmanager
 def claim(folder: str | Path, name: str, doing: str) -> Iterator[None]:
-    """Hold the exclusive claim `name` (the file `<folder>/<name>.lock`) for the block. While another process holds
-    it, say once on stderr that it is `doing` (e.g. "building cache 1a2b3c4d5e6f") and wait for it to let go."""
+    """Hold the exclusive claim `name` (the file `<folder>/<name>.lock`) for the block, saying in the file that this
+    process is `doing` it (e.g. "building cache 1a2b3c4d5e6f"). While another process holds it, say once on stderr
+    what that one is doing and wait for it to let go."""
     path = Path(folder) / f"{name}.lock"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +41,7 @@ def claim(folder: str | Path, name: str, doing: str) -> Iterator[None]:
                            "set KDTRACK_CACHE_DIR to a folder this user can write") from exc
     with open(path, "r+") as handle:  # the flock lives as long as this open file, or as this process if it dies
         _take(handle, doing)
-        _write(handle, f"{os.getpid()} {socket.gethostname()}\n")
+        _write(handle, f"{os.getpid()} {socket.gethostname()} {doing}\n")
         try:
             yield
         finally:
@@ -58,9 +59,11 @@ def _take(handle: IO[str], doing: str) -> None:
             tries += 1
         if not said:
             handle.seek(0)
-            holder = handle.read().split()  # "<pid> <host>", or nothing until a new holder has written it
-            if len(holder) == 2 or tries > _PATIENCE:
-                _say_waiting(f"pid {holder[0]} on {holder[1]}" if len(holder) == 2 else "", doing)
+            # "<pid> <host> <what it does>", or nothing until a new holder has written it
+            holder = handle.read().strip().split(maxsplit=2)
+            if len(holder) >= 2 or tries > _PATIENCE:
+                _say_waiting(f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "",
+                             holder[2] if len(holder) == 3 else doing)
                 said = True
         time.sleep(_POLL_S)  # Ctrl-C interrupts the wait here
 

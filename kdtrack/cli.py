@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -17,15 +18,30 @@ def _fail(exc: KdtrackError) -> None:
     sys.exit(exc.exit_code)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, container stops, batch schedulers), handled like Ctrl-C: the run ends KILLED."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a KdtrackError into one `error: <what> — <how to fix>` line and its exit code, no traceback."""
+    """Turn a KdtrackError into one `error: <what> — <how to fix>` line and its exit code, no traceback; SIGTERM
+    ends the command like Ctrl-C (its run KILLED, resumable) with exit code 143."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             return fn(*args, **kwargs)
         except KdtrackError as exc:
             _fail(exc)
+        except Terminated:
+            click.echo("terminated (SIGTERM): the run was ended KILLED; continue it with --resume RUN_ID", err=True)
+            sys.exit(128 + signal.SIGTERM)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -72,6 +88,7 @@ def train_teacher(config_path: str | None, sets: tuple[str, ...], overrides: str
     if resume_run_id:
         if config_path or sets or overrides:
             raise BadInput("--resume takes the run's own config", "drop --config/--set/--overrides")
+        tracking.check_writable(tracking.get_run(resume_run_id), stage.STAGE)  # before anything else is read
         cfg = tracking.load_run_config(resume_run_id, config.Config)
     else:
         cfg = load_config(config_path, sets, overrides)
@@ -129,10 +146,14 @@ def verify_cache(run_id: str, recompute: int, repair: bool, seed: int) -> None:
     verdict = stage.run(run_id, recompute=recompute, repair=repair, seed=seed)
     for line in verdict.lines:
         click.echo(line)
+    rebuild = "build a new cache with kdtrack cache-logits"
+    if verdict.refusal:
+        raise CacheError(f"cache run {run_id} cannot be repaired: {verdict.refusal}",
+                         f"a repair only rebuilds chunks of the same data and checkpoint; {rebuild}")
     if not verdict.passed:
         raise CacheError(f"cache run {run_id} failed verification (see the report above)",
-                         "--repair rebuilds bad or unfinished chunks; if samples are missing, the data changed: "
-                         "build a new cache with kdtrack cache-logits")
+                         "--repair rebuilds the bad or unfinished chunks" if verdict.repairable else
+                         f"the data, the teacher checkpoint or the store changed: {rebuild}")
 
 
 @main.command("recompute-logits")
@@ -184,11 +205,15 @@ def train_student(config_path: str | None, sets: tuple[str, ...], overrides: str
     if resume_run_id:
         if config_path or sets or overrides or ids:
             raise BadInput("--resume takes the run's own config and teachers", "drop the other options")
+        resumed = tracking.get_run(resume_run_id)
+        tracking.check_writable(resumed, stage.STAGE)  # before anything else is read
         cfg = tracking.load_run_config(resume_run_id, config.Config)
-        ids = run_ids((tracking.get_run(resume_run_id).data.tags.get(f"{tracking.TAG}teacher_run_ids", ""),))
+        ids = run_ids((resumed.data.tags.get(f"{tracking.TAG}teacher_run_ids", ""),))
+        caches = run_ids((resumed.data.tags.get(f"{tracking.TAG}cache_run_ids", ""),))  # the ones it read so far
     else:
-        cfg = load_config(config_path, sets, overrides)
-    run_id = stage.run(cfg, ids, build_missing_cache=build_missing_cache, resume_run_id=resume_run_id)
+        cfg, caches = load_config(config_path, sets, overrides), []
+    run_id = stage.run(cfg, ids, build_missing_cache=build_missing_cache, resume_run_id=resume_run_id,
+                       cache_run_ids=caches)
     if run_id:  # under torchrun only rank 0 has one
         click.echo(run_id)
 
@@ -237,6 +262,8 @@ def sweep(config_path: str | None, sets: tuple[str, ...], overrides: str, grid: 
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError as exc:
         raise BadInput(f"--seeds {seeds!r} is not a list of integers", "e.g. --seeds 0,1,2") from exc
+    if not seed_list:
+        raise BadInput(f"no seeds given in --seeds {seeds!r}", "e.g. --seeds 0,1,2")
     parsed = stage.parse_grid(list(grid))
     for combo in parsed.items():  # every value type-checks before any run starts
         for value in combo[1]:

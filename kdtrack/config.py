@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -14,6 +15,8 @@ import yaml
 
 from kdtrack.errors import ConfigError
 
+SEED_MAX = 2**64 - 1
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -21,16 +24,16 @@ class DataConfig:
     manifest: str = ""  # manifest JSON (source=manifest)
     root: str = ""  # data root the manifest's `file` paths are relative to; default: the manifest's folder
     index_splits: str = ""  # folder of <split>_indices.json re-splitting the source
-    seed: int = 0  # split and synthetic generation seed
+    seed: int = field(default=0, metadata={"min": 0, "max": SEED_MAX})  # split and synthetic generation seed
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     num_samples: int = 2000  # synthetic: labelled samples
     num_classes: int = 10  # synthetic
     input_shape: tuple[int, ...] = (1, 8, 8)  # synthetic
     unlabeled_samples: int = 0  # synthetic: extra samples in split `unlabeled`
-    batch_size: int = 64
-    eval_batch_size: int = 512
-    num_workers: int = 0
+    batch_size: int = field(default=64, metadata={"min": 1})
+    eval_batch_size: int = field(default=512, metadata={"min": 1})
+    num_workers: int = field(default=0, metadata={"min": 0})
     # fraction of train labels a student keeps; the rest become its unlabelled transfer set (teachers see all)
     student_labels: float = 1.0
 
@@ -38,21 +41,21 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "resnet8"  # mlp | cnn | resnet8/14/20/32/44/56/110 | resnet8x4 | resnet32x4
-    hidden: tuple[int, ...] = (128,)  # mlp hidden widths
-    channels: int = 32  # cnn base width
+    hidden: tuple[int, ...] = field(default=(128,), metadata={"min": 1})  # mlp hidden widths
+    channels: int = field(default=32, metadata={"min": 1})  # cnn base width
     dropout: float = 0.0  # mlp and cnn
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     name: str = field(default="sgd", metadata={"choices": ("sgd", "adamw")})
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    lr: float = field(default=0.05, metadata={"above": 0})
+    momentum: float = field(default=0.9, metadata={"min": 0})
+    weight_decay: float = field(default=5e-4, metadata={"min": 0})
     nesterov: bool = True
-    epochs: int = 30
+    epochs: int = field(default=30, metadata={"min": 1})
     schedule: str = field(default="cosine", metadata={"choices": ("cosine", "step", "none")})
-    step_size: int = 10  # schedule=step
+    step_size: int = field(default=10, metadata={"min": 1})  # schedule=step
     gamma: float = 0.1  # schedule=step
 
 
@@ -60,7 +63,7 @@ class OptimConfig:
 class TrainConfig:
     # auto: fp16 on CUDA, off on CPU
     amp: str = field(default="auto", metadata={"choices": ("auto", "off", "fp16", "bf16")})
-    label_smoothing: float = 0.0
+    label_smoothing: float = field(default=0.0, metadata={"min": 0, "max": 0.999})
     # auto: a progress bar only when attached to a terminal
     progress: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})
 
@@ -72,25 +75,28 @@ class CacheConfig:
     splits: tuple[str, ...] = ("train", "unlabeled")  # rows to cache; absent train/unlabeled splits are skipped
     split_files: tuple[str, ...] = ()  # <name>_indices.json files whose rows are cached as split <name>
     allow_splits: tuple[str, ...] = ()  # held-out splits (val, test, ...) that may be cached anyway
-    batch_size: int = 1024
+    batch_size: int = field(default=1024, metadata={"min": 1})
     chunk_rows: int = 0  # 0: about 4 MiB of logits per chunk
-    verify_rows: int = 64  # teacher re-run on this many random rows before the cache is marked complete
+    # teacher re-run on this many random rows before the cache is marked complete
+    verify_rows: int = field(default=64, metadata={"min": 1})
 
 
 @dataclass(frozen=True)
 class KDConfig:
-    temperature: float = 4.0
-    alpha: float = 0.7  # weight of the distillation term; CE gets 1 - alpha
+    temperature: float = field(default=4.0, metadata={"above": 0})
+    # weight of the distillation term; CE gets 1 - alpha
+    alpha: float = field(default=0.7, metadata={"min": 0, "max": 1})
     loss_type: str = field(default="kldiv", metadata={"choices": ("kldiv", "soft_ce")})
     weighting: str = field(default="none", metadata={"choices": ("none", "pmax", "threshold")})
-    confidence_threshold: float = 0.0  # weighting=threshold
-    warmup_epochs: int = 0  # epochs of CE only
-    ramp_epochs: int = 0  # then alpha rises linearly over this many epochs
+    confidence_threshold: float = field(default=0.0, metadata={"min": 0, "max": 1})  # weighting=threshold
+    warmup_epochs: int = field(default=0, metadata={"min": 0})  # epochs of CE only
+    ramp_epochs: int = field(default=0, metadata={"min": 0})  # then alpha rises linearly over this many epochs
     fusion: str = field(default="mean", metadata={"choices": ("mean", "weighted", "most_confident")})
-    fusion_weights: tuple[float, ...] = ()  # fusion=weighted, one per teacher
+    fusion_weights: tuple[float, ...] = field(default=(), metadata={"min": 0})  # fusion=weighted, one per teacher
     domain: str = ""  # distil only on samples of this domain (CE stays on all)
     regression: str = field(default="none", metadata={"choices": ("none", "mse", "l1")})  # signal teachers
-    paraphraser_epochs: int = 10  # method=ft: pre-training of the paraphraser on the frozen teacher
+    # method=ft: pre-training of the paraphraser on the frozen teacher
+    paraphraser_epochs: int = field(default=10, metadata={"min": 1})
 
 
 @dataclass(frozen=True)
@@ -101,8 +107,8 @@ class StudentConfig:
 
 @dataclass(frozen=True)
 class Config:
-    experiment: str = "kdtrack"
-    seed: int = 0
+    experiment: str = field(default="kdtrack", metadata={"nonempty": True})
+    seed: int = field(default=0, metadata={"min": 0, "max": SEED_MAX})  # numpy and torch take 0..2**64-1
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -177,12 +183,36 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} not found", "pass an existing YAML file, e.g. experiments/digits.yaml")
     try:
-        tree = yaml.load(path.read_text(), Loader=_Loader) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not a text file (byte {exc.start} is not UTF-8)",
+                          "pass a YAML file of overrides, e.g. experiments/digits.yaml") from exc
+    try:
+        tree = yaml.load(text, Loader=_Loader) or {}
     except yaml.YAMLError as exc:
+        if getattr(exc, "problem", None) == "found unhashable key":  # `? [a, b]`: a list or mapping as a key
+            line = exc.problem_mark.line + 1
+            raise ConfigError(f"config file {path} has a list or mapping as a key (line {line}), not a config key name",
+                              _KEY_FIX) from exc
         raise ConfigError(f"config file {path} is not valid YAML ({exc.__class__.__name__})", "fix its syntax") from exc
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping", "write it as `section:` blocks of key: value")
+    _check_keys(tree, path, "")
     return tree
+
+
+_KEY_FIX = "keys are names, e.g. `optim:` then `  lr: 0.1`"
+
+
+def _check_keys(tree: dict[Any, Any], path: Path, prefix: str) -> None:
+    """Every key a name: YAML also allows numbers, nulls and lists as keys (`1: 2`, `? [a, b]`)."""
+    for key, value in tree.items():
+        if not isinstance(key, str):
+            where = f"in section {prefix.rstrip('.')}" if prefix else "at the top level"
+            raise ConfigError(f"config file {path} has the key {key!r} {where}, which is not a config key name",
+                              _KEY_FIX)
+        if isinstance(value, dict):
+            _check_keys(value, path, f"{prefix}{key}.")
 
 
 def _parse_scalar(raw: str) -> Any:
@@ -223,11 +253,33 @@ def _build(cls: type, tree: dict[str, Any], prefix: str, base: Any = None) -> An
             values[name] = _build(hint, value, f"{prefix}{name}.", getattr(base, name))
         else:
             values[name] = _coerce(value, hint, f"{prefix}{name}")
-            choices = fields[name].metadata.get("choices")
-            if choices and values[name] not in choices:
-                raise ConfigError(f"{prefix}{name}={values[name]!r} is not allowed",
-                                  f"choose one of: {', '.join(choices)}")
+            _check_value(values[name], fields[name], f"{prefix}{name}")
     return dataclasses.replace(base, **values)
+
+
+def _check_value(value: Any, spec: dataclasses.Field, key: str) -> None:
+    """The limits in a field's metadata: `choices`, `nonempty`, and bounds `min`, `max` (inclusive) and `above`
+    (exclusive), which hold for every item of a tuple."""
+    meta = spec.metadata
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{key}={value!r} is not allowed", f"choose one of: {', '.join(choices)}")
+    if meta.get("nonempty") and not value.strip():
+        raise ConfigError(f"{key} is empty", f"give it a name, e.g. --set {key}={spec.default}")
+    lo, hi, above = meta.get("min"), meta.get("max"), meta.get("above")
+    if lo is None and hi is None and above is None:
+        return
+    default = f"[{','.join(map(str, spec.default))}]" if isinstance(spec.default, tuple) else spec.default
+    example = f"e.g. --set {key}={default}" if spec.default != () else f"fix the values of {key}"
+    for item in value if isinstance(value, tuple) else (value,):
+        shown = f"{key}={list(value)!r} holds {item!r}, which" if isinstance(value, tuple) else f"{key}={item!r}"
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{shown} is not a finite number", example)
+        if above is not None and item <= above:
+            raise ConfigError(f"{shown} must be > {above}", example)
+        if lo is not None and item < lo or hi is not None and item > hi:
+            limit = f"must be >= {lo}" if hi is None else f"must be <= {hi}" if lo is None else f"is outside {lo}..{hi}"
+            raise ConfigError(f"{shown} {limit}", example)
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -237,6 +289,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return None
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if value is None:  # `--set key=` or `key:` with nothing after it
+        raise ConfigError(f"{key} is empty", f"give it a value, e.g. --set {key}={_example(hint)}")
     if origin is tuple:
         (item_type, _ellipsis) = typing.get_args(hint)
         items = value if isinstance(value, (list, tuple)) else [value]

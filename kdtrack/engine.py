@@ -264,7 +264,8 @@ class _Meter:
         values = self.bad_values.tolist()
         detail = ", ".join(f"{name}={v:.4g}" for name, v in zip(["loss", *self.names], values))
         raise TrainingError(f"non-finite loss at epoch {epoch}, step {bad_step} ({detail})",
-                            "lower optim.lr, check the inputs for nan/inf, or set train.amp=off")
+                            "lower the learning rate (optim.lr for a teacher, student.optim.lr for a student), "
+                            "check the inputs for nan/inf, or set train.amp=off")
 
     def sum_over_ranks(self) -> None:
         """Add up every rank's sums and counts (one collective); nothing happens outside a process group."""

@@ -61,3 +61,11 @@ class CacheError(KdtrackError):
 
 class RunNotFound(TrackingError, BadInput):
     """A run id that the tracking store does not know (exit code 2: the id is wrong, not the store)."""
+
+
+class RunFinished(BadInput):
+    """A FINISHED run was asked to be written to again; it never is."""
+
+
+class RunDeleted(BadInput):
+    """A run id names a deleted run."""

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdtrack import tracking
-from kdtrack.errors import BadInput
+from kdtrack import checkpoint, tracking
+from kdtrack.errors import BadInput, CacheError
+from kdtrack.stages.cache_logits import store_problem
+from kdtrack.teachers import HASH_TAGS, check_recorded_hash
 
 # What each stage leaves for reuse elsewhere.
 REUSABLE = {"teacher": ("checkpoints",), "student": ("checkpoints",), "cache": ("logits.zarr",)}
@@ -23,4 +25,22 @@ def fetch(run_id: str, out: str | Path) -> list[Path]:
     except OSError as exc:
         raise BadInput(f"cannot create output folder {target} ({exc.strerror or type(exc).__name__})",
                        "pass an --out folder you can write to") from exc
-    return [tracking.download_artifact(run_id, name, target) for name in REUSABLE[stage]]
+    paths = [tracking.download_artifact(run_id, name, target) for name in REUSABLE[stage]]
+    _check_content(run, paths)
+    return paths
+
+
+def _check_content(run, paths: list[Path]) -> None:
+    """Refuse what was downloaded unless it is what the run recorded: each checkpoint's weights hash equals the run's
+    tag for it, and a cache store checks out against the run's tags."""
+    if run.data.tags.get(f"{tracking.TAG}stage") == "cache":
+        problem = store_problem(run, path=paths[0])
+        if problem:
+            raise CacheError(f"fetched cache of run {run.info.run_id} is not usable: {problem}",
+                             f"verify it: kdtrack verify-cache --run-id {run.info.run_id}")
+        return
+    for folder in paths:
+        for which in HASH_TAGS:
+            if (folder / f"{which}.pt").is_file():
+                payload = checkpoint.load(folder / f"{which}.pt")
+                check_recorded_hash(run, which, payload["weights_sha256"])

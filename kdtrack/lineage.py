@@ -4,16 +4,24 @@ from __future__ import annotations
 from typing import Any
 
 from kdtrack import tracking
+from kdtrack.errors import RunNotFound
 
 T = tracking.TAG
 
 
 def describe(run_id: str, depth: int = 0) -> list[str]:
-    """One line per run, indented by depth: the run, then (recursively) the runs it was built from."""
-    run = tracking.get_run(run_id)
-    tags = run.data.tags
-    lines = ["  " * depth + ("<- " if depth else "") + _line(run)]
-    for upstream in _upstream(tags):
+    """One line per run, indented by depth: the run, then (recursively) the runs it was built from. A link that
+    cannot be followed (an upstream run garbage-collected, or in another store) is printed as MISSING."""
+    prefix = "  " * depth + ("<- " if depth else "")
+    try:
+        run = tracking.get_run(run_id)
+    except RunNotFound:
+        if depth == 0:
+            raise
+        return [f"{prefix}MISSING run {run_id}: not in {tracking.tracking_uri()} (garbage-collected, or recorded "
+                "in another tracking store)"]
+    lines = [prefix + _line(run)]
+    for upstream in _upstream(run.data.tags):
         lines += describe(upstream, depth + 1)
     return lines
 
@@ -30,8 +38,9 @@ def _upstream(tags: dict[str, str]) -> list[str]:
 
 def _line(run: Any) -> str:
     tags = run.data.tags
+    deleted = ", DELETED" if run.info.lifecycle_stage == "deleted" else ""
     parts = [f"{run.info.run_name} [{tags.get(f'{T}stage', 'not kdtrack')}] run {run.info.run_id} "
-             f"({run.info.status})"]
+             f"({run.info.status}{deleted})"]
     if tags.get(f"{T}method"):
         parts.append(f"method {tags[f'{T}method']}")
     if tags.get(f"{T}dataset_digest"):

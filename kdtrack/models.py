@@ -69,9 +69,16 @@ class ModelSpec:
                    input_shape=tuple(d["input_shape"]), kwargs=dict(d["kwargs"]))
 
 
-def spec_from_config(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...]) -> ModelSpec:
-    """ModelSpec for `cfg.name`, keeping only the config options that model uses."""
+def spec_from_config(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...], *,
+                     prefix: str = "model") -> ModelSpec:
+    """ModelSpec for `cfg.name`, keeping only the config options that model uses.
+
+    `prefix` is where `cfg` sits in the config, named in error hints: `model` (teacher) or `student.model`."""
+    if cfg.name not in MODEL_NAMES:
+        raise ModelError(f"unknown model {cfg.name!r}", f"set {prefix}.name to one of: {', '.join(MODEL_NAMES)}")
     options = {k: getattr(cfg, k) for k in _OPTIONS.get(cfg.name, ())}
+    _checked_shape(cfg.name, input_shape, prefix)  # here first, so hints name `prefix`; ModelSpec re-checks
+    _checked_options(cfg.name, options, prefix)
     return ModelSpec(cfg.name, num_classes, tuple(input_shape), options)
 
 
@@ -88,7 +95,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
     return CifarResNet(spec.num_classes, spec.input_shape, blocks, stem, widths)
 
 
-def _checked_shape(name: str, shape: Any) -> tuple[int, ...]:
+def _checked_shape(name: str, shape: Any, prefix: str = "model") -> tuple[int, ...]:
     if not isinstance(shape, (tuple, list)) or not shape or not all(
         isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape
     ):
@@ -97,14 +104,14 @@ def _checked_shape(name: str, shape: Any) -> tuple[int, ...]:
     shape = tuple(shape)
     if name != "mlp" and len(shape) == 1:
         raise ModelError(f"{name} needs a 2D feature map (C, H, W) or (H, W), got 1D input shape {shape}",
-                         "use model.name=mlp for flat feature vectors, or reshape the features to (C, H, W)")
+                         f"use --set {prefix}.name=mlp for flat feature vectors, or reshape the features to (C, H, W)")
     if name != "mlp" and len(shape) > 3:
         raise ModelError(f"{name} takes (C, H, W) or (H, W) input, got {len(shape)}D input shape {shape}",
-                         "fold the extra axes into channels, or use model.name=mlp")
+                         f"fold the extra axes into channels, or use --set {prefix}.name=mlp")
     return shape
 
 
-def _checked_options(name: str, options: Any) -> dict[str, Any]:
+def _checked_options(name: str, options: Any, prefix: str = "model") -> dict[str, Any]:
     allowed = _OPTIONS.get(name, ())
     if not isinstance(options, dict):
         raise ModelError(f"model kwargs must be a dict, got {type(options).__name__}", "pass e.g. {'dropout': 0.1}")
@@ -117,14 +124,16 @@ def _checked_options(name: str, options: Any) -> dict[str, Any]:
     if "hidden" in full:
         hidden = full["hidden"]
         if not isinstance(hidden, (tuple, list)) or not all(_positive_int(h) for h in hidden):
-            raise ModelError(f"mlp hidden widths must be positive ints, got {hidden!r}", "e.g. model.hidden=[128,64]")
+            raise ModelError(f"mlp hidden widths must be positive ints, got {hidden!r}",
+                             f"e.g. --set {prefix}.hidden=[128,64]")
         full["hidden"] = tuple(hidden)
     if "channels" in full and not _positive_int(full["channels"]):
-        raise ModelError(f"cnn channels must be a positive int, got {full['channels']!r}", "e.g. model.channels=32")
+        raise ModelError(f"cnn channels must be a positive int, got {full['channels']!r}",
+                         f"e.g. --set {prefix}.channels=32")
     if "dropout" in full:
         p = full["dropout"]
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-            raise ModelError(f"dropout must be a probability in [0, 1), got {p!r}", "e.g. model.dropout=0.1")
+            raise ModelError(f"dropout must be a probability in [0, 1), got {p!r}", f"e.g. --set {prefix}.dropout=0.1")
         full["dropout"] = float(p)
     return full
 

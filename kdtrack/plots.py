@@ -18,6 +18,7 @@ TEST_ACC = "test/acc"
 BASELINE_METHOD = "none"
 
 _TEACHER_COLOUR, _STUDENT_COLOUR, _BASELINE_COLOUR = "#4d4d4d", "#1f77b4", "#ff7f0e"
+_NON_FINITE_HATCH = "xx"
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,14 @@ class RunHistory:
         """The value at the highest step (the final value of a metric logged once at the end)."""
         history = self._sorted(key)
         return history[-1][1] if history else None
+
+    def finite(self, key: str) -> History:
+        """The points of `key` with a finite value, by step: what a line or a mean can be drawn from."""
+        return [(step, value) for step, value in self._sorted(key) if math.isfinite(value)]
+
+    def non_finite(self, key: str) -> int:
+        """How many logged values of `key` are NaN or ±Inf (left out of the plots, and said so)."""
+        return sum(not math.isfinite(value) for _, value in self._sorted(key))
 
     def group(self) -> str:
         """What epoch times are compared by: the KD method (`kd (online)` when the teacher ran live), else the stage."""
@@ -91,7 +100,7 @@ def compare_students(teachers: Sequence[RunHistory], students: Sequence[RunHisto
     fig = Figure(figsize=(max(6.0, 1.1 * len(runs) + 2), 4.8), layout="constrained")
     ax = fig.add_subplot()
     teacher_ids = {run.run_id for run in teachers}
-    colours, names, heights, hatches = [], [], [], []
+    colours, names, heights, hatches, texts = [], [], [], [], []
     for run in runs:
         value = run.last(key)
         if value is None:
@@ -99,14 +108,16 @@ def compare_students(teachers: Sequence[RunHistory], students: Sequence[RunHisto
         is_teacher = run.run_id in teacher_ids
         baseline = not is_teacher and run.method == BASELINE_METHOD
         colours.append(_TEACHER_COLOUR if is_teacher else _BASELINE_COLOUR if baseline else _STUDENT_COLOUR)
-        hatches.append("//" if baseline else "")
         role = "teacher" if is_teacher else f"{run.method or run.stage}" + (" (no KD)" if baseline else "")
         names.append(f"{labels[run.run_id]}\n{role}")
-        heights.append(value)
+        finite = math.isfinite(value)  # a NaN/Inf result is marked by an empty crossed bar labelled with it
+        hatches.append(_NON_FINITE_HATCH if not finite else "//" if baseline else "")
+        heights.append(value if finite else 0.0)
+        texts.append(f"{value:.3f}" if finite else str(value))
     bars = ax.bar(range(len(heights)), heights, color=colours, hatch=hatches, edgecolor="white")
-    ax.bar_label(bars, fmt="%.3f", padding=2, fontsize=8)
+    ax.bar_label(bars, labels=texts, padding=2, fontsize=8)
     for height, hatch in zip(heights, hatches):
-        if hatch:  # the baseline's level as a reference line across all bars
+        if hatch == "//":  # the baseline's level as a reference line across all bars
             ax.axhline(height, color=_BASELINE_COLOUR, linestyle="--", linewidth=1)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(key)
@@ -119,8 +130,9 @@ def epoch_times(runs: Sequence[RunHistory], key: str = EPOCH_SECONDS) -> Figure:
     """Mean seconds per epoch for each method (or stage), pooled over its runs' epochs; error bars are one std."""
     groups: dict[str, list[float]] = {}
     run_counts: dict[str, int] = {}
+    skipped = sum(run.non_finite(key) for run in runs)
     for run in runs:
-        values = run.values(key)
+        values = [value for _, value in run.finite(key)]
         if values:
             groups.setdefault(run.group(), []).extend(values)
             run_counts[run.group()] = run_counts.get(run.group(), 0) + 1
@@ -133,7 +145,7 @@ def epoch_times(runs: Sequence[RunHistory], key: str = EPOCH_SECONDS) -> Figure:
     ax.set_xticks(range(len(names)), [f"{n}\n{run_counts[n]} run(s), {len(groups[n])} epochs" for n in names],
                   fontsize=8)
     ax.set_ylabel("seconds per epoch (mean ± std)")
-    ax.set_title("Epoch time per method")
+    ax.set_title("Epoch time per method" + _skipped_note(skipped))
     return fig
 
 
@@ -148,11 +160,11 @@ def _line_panels(runs: Sequence[RunHistory], keys: Sequence[str], *, title: str,
     handles = {}
     for ax, key in zip(axes, keys):
         for run in runs:
-            if run.metrics.get(key):
-                (line,) = ax.plot(run.steps(key), run.values(key), marker="o", markersize=3,
+            if points := run.finite(key):
+                (line,) = ax.plot(*zip(*points), marker="o", markersize=3,
                                   color=colours[run.run_id], label=labels[run.run_id])
                 handles.setdefault(run.run_id, line)
-        ax.set_title(key)
+        ax.set_title(key + _skipped_note(sum(run.non_finite(key) for run in runs)))
         ax.set_xlabel("epoch (step)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -163,3 +175,7 @@ def _line_panels(runs: Sequence[RunHistory], keys: Sequence[str], *, title: str,
                    ncols=min(len(handles), 4), fontsize=8)
     fig.suptitle(title)
     return fig
+
+
+def _skipped_note(count: int) -> str:
+    return f" ({count} NaN/Inf value{'s' if count != 1 else ''} not drawn)" if count else ""

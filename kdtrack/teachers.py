@@ -39,6 +39,7 @@ def load_teacher(run_id: str, device: torch.device, which: str = "best") -> Teac
                            "pick one with --checkpoint, or finish training the teacher")
     path = tracking.artifact_path(run_id, artifact)
     payload = checkpoint.load(path, map_location="cpu")
+    check_recorded_hash(run, which, payload["weights_sha256"])
     spec = ModelSpec.from_dict(payload["spec"])
     model = build_model(spec)
     _load_weights(model, payload["state_dict"], run_id, which)
@@ -56,12 +57,31 @@ def _teacher_run(run_id: str) -> Any:
     except RunNotFound as exc:
         raise TeacherError(f"teacher run {run_id} not found in {tracking.tracking_uri()}",
                            "check the id (mlflow ui lists runs) and MLFLOW_TRACKING_URI") from exc
+    if run.info.lifecycle_stage == "deleted":
+        raise TeacherError(f"teacher run {run_id} ({run.info.run_name}) is deleted",
+                           f"restore it with `mlflow runs restore --run-id {run_id}`, or pick another teacher")
     stage = run.data.tags.get(f"{tracking.TAG}stage")
     if stage not in TEACHER_STAGES:
         what = f"a {stage} run" if stage else "not a kdtrack run"
         raise TeacherError(f"run {run_id} ({run.info.run_name}) is {what}, not a teacher",
                            "pass the run id printed by `kdtrack train-teacher`")
     return run
+
+
+# The run tag that records each checkpoint's weights hash when the run wrote it.
+HASH_TAGS = {"best": f"{tracking.TAG}checkpoint_sha256", "last": f"{tracking.TAG}checkpoint_sha256_last"}
+
+
+def check_recorded_hash(run: Any, which: str, actual: str, also: tuple[str, ...] = ()) -> None:
+    """Refuse checkpoint `which` of `run` unless its weights hash is the one the run recorded when it wrote it (or
+    one of `also`): a file swapped for another run's valid checkpoint is caught here."""
+    recorded = run.data.tags.get(HASH_TAGS[which])
+    if actual != recorded and actual not in also:
+        raise CheckpointError(
+            f"checkpoint {which}.pt of run {run.info.run_id} has weights {actual[:12]} but the run recorded "
+            f"{(recorded or 'no hash')[:12]} when it wrote it",
+            "the file was replaced or the run is incomplete; re-download or retrain it, never rename checkpoints "
+            "between runs")
 
 
 def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], run_id: str, which: str) -> None:

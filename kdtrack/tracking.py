@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,8 +23,8 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.tracking import MlflowClient
 
-from kdtrack import __version__, claims, config
-from kdtrack.errors import RunNotFound, TrackingError
+from kdtrack import __version__, claims, config, owners
+from kdtrack.errors import BadInput, RunDeleted, RunFinished, RunNotFound, TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "kdtrack."
@@ -41,13 +42,25 @@ _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_B
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
+_checked_stores: set[tuple[str, str]] = set()
+
+
 def configure() -> MlflowClient:
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         for key, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
+    elif uri.startswith("sqlite:") and (uri, os.getcwd()) not in _checked_stores:
+        _check_sqlite_store(uri)  # once per store and folder in a process: configure() is called for every read
+        _checked_stores.add((uri, os.getcwd()))
+    _quiet_store_logs()
     mlflow.set_tracking_uri(uri)
-    return MlflowClient()
+    try:
+        return MlflowClient()  # opens a database store (creating its tables) on first use in this process
+    except Exception as exc:
+        if not _is_store_failure(exc):
+            raise
+        raise store_error(exc) from exc
 
 
 @dataclass
@@ -87,54 +100,172 @@ class StageRun:
         mlflow.log_input(dataset, context=context)
 
 
+# The `mlflow run` entry point that launches each stage: MLFLOW_RUN_ID is adopted only from a launch of that very one.
+ENTRY_POINTS = {"teacher": "train_teacher", "cache": "cache_logits", "cache-group": "cache_logits",
+                "student": "train_student", "recompute": "recompute_logits", "pipeline": "main"}
+
+
 @contextlib.contextmanager
-def stage_run(stage: str, cfg: Any, *, run_name: str, description: str = "",
-              resume_run_id: str | None = None) -> Iterator[StageRun]:
+def stage_run(stage: str, cfg: Any, *, run_name: str, description: str = "", resume_run_id: str | None = None,
+              expect: dict[str, str] | None = None, same_config: bool = True) -> Iterator[StageRun]:
     """Start (or resume) a run of `stage`, nested under the active run if any; it ends FINISHED, or
-    FAILED/KILLED if the body raises."""
+    FAILED/KILLED if the body raises.
+
+    An existing run (`resume_run_id`, or the run of an `mlflow run` launch of this stage's entry point) is checked
+    before anything is written to it: its stage, its state (never a FINISHED run, never one a live process owns),
+    its config (unless not `same_config`: a cache run's key says what matters), and the tags in `expect` (e.g. the
+    dataset digest)."""
     client = configure()
     _check_reachable(client)
     nested = mlflow.active_run() is not None
-    run_id = resume_run_id or (None if nested else os.environ.get("MLFLOW_RUN_ID"))
+    launched = os.environ.pop("MLFLOW_RUN_ID", None)  # else mlflow.start_run would adopt it whatever it is
+    run_id = resume_run_id
+    if run_id is not None:
+        check_writable(get_run(run_id), stage, expect, cfg if same_config else None)
+    elif not nested and launched and _is_launch_of(launched, stage):
+        check_writable(get_run(launched), stage, expect, cfg if same_config else None)
+        run_id = launched
     if run_id is None and not nested:
         _use_experiment(client, cfg.experiment)
-    elif resume_run_id and not nested:  # the run's own experiment, whichever this process used before
-        mlflow.set_experiment(experiment_id=get_run(resume_run_id).info.experiment_id)
+    elif run_id and not nested:  # the run's own experiment, whichever this process used before
+        mlflow.set_experiment(experiment_id=get_run(run_id).info.experiment_id)
     try:
         active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested)
-    except MlflowException as exc:
-        raise TrackingError(f"cannot start a run on {tracking_uri()}: {_first_line(exc)}",
-                            "check the run id and MLFLOW_TRACKING_URI") from exc
+    except Exception as exc:
+        if not _is_store_failure(exc):
+            raise
+        raise store_error(exc, TrackingError(f"cannot start a run on {tracking_uri()}: {_first_line(exc)}",
+                                             "check the run id and MLFLOW_TRACKING_URI")) from exc
     run = StageRun(active.info.run_id, client)
     try:
-        tags = {f"{TAG}stage": stage, f"{TAG}code_version": code_version(), f"{TAG}version": __version__}
+        tags = {f"{TAG}stage": stage, f"{TAG}code_version": code_version(), f"{TAG}version": __version__,
+                f"{TAG}owner": owners.me(), **_pending_tags.get(stage, {})}
         if description:
             tags["mlflow.note.content"] = description
         run.set_tags(tags)
         if not resume_run_id:
             _log_config(run, cfg)
         yield run
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+    except KeyboardInterrupt:  # Ctrl-C, and SIGTERM (the CLI turns it into Terminated)
+        _end_run("KILLED")
         raise
-    except BaseException:
-        mlflow.end_run("FAILED")
+    except BaseException as exc:
+        _end_run("FAILED")
+        if isinstance(exc, Exception) and _is_store_failure(exc):
+            raise store_error(exc) from exc  # e.g. the store locked mid-run: one line, and --resume works
         raise
-    mlflow.end_run("FINISHED")
+    _end_run("FINISHED")
+
+
+def _end_run(status: str) -> None:
+    """End the active run; if the store fails even at that (e.g. it is locked), say so in one line: the run stays
+    RUNNING until the next command finds its owner gone and marks it KILLED."""
+    try:
+        mlflow.end_run(status)
+    except Exception as exc:
+        if not _is_store_failure(exc):
+            raise
+        if status == "FINISHED":
+            raise store_error(exc) from exc
+        print(f"note: could not mark the run {status}: {store_error(exc).what}", file=sys.stderr)
+
+
+_pending_tags: dict[str, dict[str, str]] = {}
+
+
+@contextlib.contextmanager
+def tagging(stage: str, tags: dict[str, str]) -> Iterator[None]:
+    """Inside the block, every run of `stage` that starts is tagged with `tags` from its first write on (e.g. the
+    pipeline's step key, so that an interrupted step is found again and resumed)."""
+    _pending_tags[stage] = {**_pending_tags.get(stage, {}), **tags}
+    try:
+        yield
+    finally:
+        _pending_tags.pop(stage, None)
+
+
+def check_writable(run: Any, stage: str, expect: dict[str, str] | None = None, cfg: Any = None) -> None:
+    """Refuse to write to `run` as a `stage` run unless it is one: not deleted, of that stage, not FINISHED, not owned
+    by a live process, its tags equal to `expect` and its logged config equal to `cfg`. Nothing is written here."""
+    rid, name, tags = run.info.run_id, run.info.run_name, run.data.tags
+    if run.info.lifecycle_stage == "deleted":
+        raise RunDeleted(f"run {rid} ({name}) is deleted", f"restore it with `mlflow runs restore --run-id {rid}`, "
+                         "or start a new run")
+    found = tags.get(f"{TAG}stage")
+    launched = tags.get("mlflow.project.entryPoint") == ENTRY_POINTS.get(stage)
+    if found != stage and not (found is None and launched):
+        what = f"a {found} run" if found else "not a kdtrack run"
+        raise BadInput(f"run {rid} ({name}) is {what}, not a {stage} run; nothing was written to it",
+                       f"pass the id of an unfinished {stage} run")
+    if run.info.status == "FINISHED":
+        raise RunFinished(f"run {rid} ({name}) is FINISHED; a finished run is never reopened, nothing was written",
+                          "start a new run instead (without --resume)")
+    owner = tags.get(f"{TAG}owner", "")
+    if run.info.status == "RUNNING" and owner and owner != owners.me() and not owners.gone(owner):
+        raise BadInput(f"run {rid} ({name}) is RUNNING in {owners.label(owner)}",
+                       "wait for that process to end, or stop it first (it ends the run KILLED)")
+    for key, want in (expect or {}).items():
+        have = tags.get(key)
+        if have is not None and have != want:
+            raise BadInput(f"run {rid} ({name}) has {key}={short(have)} but this command has {short(want)}",
+                           _EXPECT_HINTS.get(key.removeprefix(TAG), "start a new run instead"))
+    if cfg is not None and found == stage:
+        _check_same_config(rid, name, cfg)
+
+
+_EXPECT_HINTS = {"dataset_digest": "the data changed since the run started: restore it, or start a new run",
+                 "teacher_run_ids": "resume with the run's own teachers, or start a new run",
+                 "cache_key": "start a new run for the new cache key"}
+
+
+def short(value: str) -> str:
+    """A sha256 hex digest as its first 12 digits (as messages quote them); any other value as it is."""
+    return value[:12] if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else value
+
+
+def _check_same_config(run_id: str, name: str, cfg: Any) -> None:
+    try:
+        logged_cfg = load_run_config(run_id, type(cfg))
+    except TrackingError:
+        return  # a run that failed before its config was logged: nothing to compare with
+    logged, now = config.flatten(logged_cfg), config.flatten(cfg)
+    differ = [k for k, v in now.items() if logged.get(k) != v]
+    if differ:
+        shown = ", ".join(f"{k}: {logged.get(k)!r} -> {now[k]!r}" for k in differ[:3])
+        raise BadInput(f"run {run_id} ({name}) was started with another config ({shown}"
+                       f"{', ...' if len(differ) > 3 else ''})", "resume with the run's own config, or start a new run")
+
+
+def _is_launch_of(run_id: str, stage: str) -> bool:
+    """Whether MLFLOW_RUN_ID names the run `mlflow run` created for this stage's entry point; anything else (a
+    stale id left in the environment) is ignored, with a note."""
+    run = _run_or_none(configure(), run_id)
+    ok = run is not None and run.data.tags.get("mlflow.project.entryPoint") == ENTRY_POINTS.get(stage) \
+        and run.info.status == "RUNNING"
+    if not ok:
+        print(f"note: ignoring MLFLOW_RUN_ID={run_id}: it is not a running `mlflow run` launch of the "
+              f"{ENTRY_POINTS.get(stage, stage)} entry point", file=sys.stderr)
+    return ok
 
 
 def note_reuse(stage: str, reused_run_id: str) -> None:
     """When launched by `mlflow run`, tag the launcher's run with the finished run that was reused instead."""
     launcher = os.environ.get("MLFLOW_RUN_ID")
-    if launcher and launcher != reused_run_id and mlflow.active_run() is None:
+    if launcher and launcher != reused_run_id and mlflow.active_run() is None and _is_launch_of(launcher, stage):
         StageRun.of(launcher).set_tags({f"{TAG}reused_run_id": reused_run_id,
                                         "mlflow.note.content": f"Reused finished {stage} run {reused_run_id}."})
 
 
 def _use_experiment(client: MlflowClient, name: str) -> None:
     experiment = client.get_experiment_by_name(name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
-    mlflow.set_experiment(experiment_id=experiment_id)
+    if experiment is None:
+        try:
+            client.create_experiment(name)
+        except MlflowException as exc:  # another process created it since: use that one
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        experiment = client.get_experiment_by_name(name)
+    mlflow.set_experiment(experiment_id=experiment.experiment_id)
 
 
 def _log_config(run: StageRun, cfg: Any) -> None:
@@ -212,13 +343,29 @@ def find_runs(tags: dict[str, str], statuses: tuple[str, ...] = ("FINISHED",)) -
     runs = []
     for start in range(0, len(experiments), 100):  # search_runs takes at most 100 experiments
         runs += client.search_runs(experiments[start:start + 100], query, max_results=1000)
+    runs = [settle(client, run) for run in runs]
     return sorted((r for r in runs if r.info.status in statuses), key=lambda r: -r.info.start_time)
+
+
+def settle(client: MlflowClient, run: Any) -> Any:
+    """`run`, marked KILLED first when it is RUNNING but the process that owned it on this host is gone (killed
+    with SIGKILL, or the machine lost power): an orphan must neither block nor look like live work."""
+    owner = run.data.tags.get(f"{TAG}owner", "")
+    if run.info.status != "RUNNING" or not owner or not owners.gone(owner):
+        return run
+    client.set_tag(run.info.run_id, f"{TAG}ended_by", f"its owner ({owners.label(owner)}) was gone; marked KILLED "
+                   f"by {owners.label(owners.me())}")
+    client.set_terminated(run.info.run_id, "KILLED")
+    print(f"note: run {run.info.run_id} ({run.info.run_name}) was RUNNING but its process ({owners.label(owner)}) "
+          "is gone: marked KILLED", file=sys.stderr)
+    return client.get_run(run.info.run_id)
 
 
 def get_run(run_id: str) -> Any:
     """The run `run_id`; RunNotFound when the store does not know it, TrackingError when the store fails."""
+    client = configure()
     try:
-        return configure().get_run(run_id)
+        return settle(client, client.get_run(run_id))
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise RunNotFound(f"run {run_id} not found in {tracking_uri()}",
@@ -247,9 +394,10 @@ def _git(cwd: Path, *args: str) -> str:
 def _check_reachable(client: MlflowClient) -> None:
     try:
         client.search_experiments(max_results=1)
-    except MlflowException as exc:
-        raise TrackingError(f"tracking store {tracking_uri()} is not usable: {_first_line(exc)}",
-                            "start the server or fix MLFLOW_TRACKING_URI") from exc
+    except Exception as exc:
+        if not _is_store_failure(exc):
+            raise
+        raise store_error(exc) from exc
 
 
 def _param_value(value: Any) -> str:
@@ -285,6 +433,7 @@ def select_runs(experiment: str | None = None, tags: dict[str, str] | None = Non
         # Values holding quotes cannot go into a filter string; they are still checked below.
         query = " AND ".join(f"tags.`{k}` = '{v}'" for k, v in wanted.items() if "'" not in v and "`" not in k)
         runs = _search_all(client, experiment_ids or [e.experiment_id for e in client.search_experiments()], query)
+    runs = [settle(client, run) for run in runs]
     selected = [run for run in runs if all(run.data.tags.get(k) == v for k, v in wanted.items())
                 and (experiment_ids is None or run.info.experiment_id in experiment_ids)]
     return sorted(selected, key=lambda run: (run.info.start_time or 0, run.info.run_id))
@@ -344,3 +493,116 @@ def _by_step(history: list[Metric]) -> list[tuple[int, float]]:
     """One value per step: the latest logged, as a resumed run may log an epoch twice."""
     latest = {m.step: m for m in sorted(history, key=lambda m: (m.step, m.timestamp))}
     return [(step, latest[step].value) for step in sorted(latest)]
+
+
+
+# --- tracking store failures as one line ------------------------------------------------------------------------
+
+_SQLITE_BUSY_S = 20.0  # how long to wait for another process's write lock: MLflow's own sqlite busy_timeout
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_LOCKED = ("database is locked", "database is busy", "database table is locked")
+_CORRUPT = ("file is not a database", "database disk image is malformed", "file is encrypted or is not a database")
+
+
+def store_error(exc: BaseException, otherwise: TrackingError | None = None) -> TrackingError:
+    """A failure of the tracking store as one line: locked by another process (retry), corrupt (restore it), or
+    else `otherwise` (default: the store is not usable). For errors raised by MLflow, SQLAlchemy or sqlite3."""
+    uri, text = tracking_uri(), _chain_text(exc)
+    if any(m in text for m in _LOCKED):
+        return TrackingError(f"tracking store {uri} is locked by another process (database is locked)",
+                             "retry once the other process has finished writing to it")
+    if any(m in text for m in _CORRUPT):
+        cause = next(m for m in _CORRUPT if m in text)
+        return TrackingError(f"tracking store {uri} is corrupt or truncated ({cause})",
+                             "restore it from a backup, or point MLFLOW_TRACKING_URI at another store")
+    return otherwise or TrackingError(f"tracking store {uri} is not usable: {_first_line(exc)}",
+                                      "start the server or fix MLFLOW_TRACKING_URI")
+
+
+def _is_store_failure(exc: BaseException) -> bool:
+    """Raised by MLflow or by the database layer under it (SQLAlchemy, sqlite3), not by a bug of ours."""
+    import sqlite3
+
+    import sqlalchemy.exc
+
+    return isinstance(exc, (MlflowException, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error))
+
+
+def _chain_text(exc: BaseException) -> str:
+    """The messages of `exc` and of the exceptions it was raised from, lower-cased."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        parts.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return " ".join(parts).lower()
+
+
+def _check_sqlite_store(uri: str) -> None:
+    """Refuse in one line what MLflow would meet with a traceback: `./mlruns` (its default artifact root) a
+    file, the database file not a database or cut short, or locked by another process."""
+    import sqlite3
+
+    mlruns = Path("mlruns")
+    if mlruns.exists() and not mlruns.is_dir():
+        raise TrackingError(f"{mlruns.resolve()} is a file, but the tracking store {uri} keeps its artifacts in "
+                            f"a folder of that name", "move the file away, or run kdtrack from another folder")
+    path = _sqlite_path(uri)
+    if path is None or not path.exists():
+        return  # MLflow creates it
+    problem = _sqlite_file_problem(path)
+    if problem:
+        raise TrackingError(f"tracking store {uri} is unusable: {path.resolve()} {problem}",
+                            "restore it from a backup, or point MLFLOW_TRACKING_URI at another store")
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=_SQLITE_BUSY_S)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # waits out another writer's lock, or fails
+    except sqlite3.Error as exc:
+        raise store_error(exc) from exc
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite URI (relative to the working directory), None for an in-memory one."""
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+def _sqlite_file_problem(path: Path) -> str | None:
+    """What is wrong with the file by its header: not SQLite, or shorter than the page count it records."""
+    if path.is_dir():
+        return "is a folder, not a database file"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = f.read(100)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or type(exc).__name__})"
+    if size == 0:
+        return None  # an empty file is an empty database: MLflow creates the tables
+    if not header.startswith(_SQLITE_MAGIC):
+        return "is corrupt: not an SQLite database"
+    if len(header) < 100:
+        return f"is truncated: {size} bytes"
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    # The page count is valid when the change counter matches its copy; with a WAL file pages may live there.
+    counted = header[24:28] == header[92:96] and not path.with_name(f"{path.name}-wal").exists()
+    if counted and size < pages * page_size:
+        return f"is truncated: {size} of {pages * page_size} bytes"
+    return None
+
+
+def _quiet_store_logs() -> None:
+    """MLflow logs a full traceback for a database error before raising it; kdtrack reports it as one line."""
+    import logging
+
+    logger = logging.getLogger("mlflow.store.db.utils")
+    if not any(f is _drop_db_error_traceback for f in logger.filters):
+        logger.addFilter(_drop_db_error_traceback)
+
+
+def _drop_db_error_traceback(record: Any) -> bool:
+    return not str(record.msg).startswith("SQLAlchemy database error")

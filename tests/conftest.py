@@ -24,15 +24,18 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """MLFLOW_TRACKING_URI of the session's sqlite store; the working directory holds its ./mlruns."""
     root = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    old_cwd, old_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "KDTRACK_CACHE_DIR")}
+    old_cwd = os.getcwd()
     os.chdir(root)
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["KDTRACK_CACHE_DIR"] = str(root / "kdtrack-cache")  # claims and downloads, never in the real home
     yield uri
     os.chdir(old_cwd)
-    if old_uri is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old_uri
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

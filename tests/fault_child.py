@@ -9,6 +9,7 @@ Tests fork these children from a forkserver that has torch, mlflow and kdtrack l
                            `zarr.json` (the group's metadata) or `chunk_done/c/7`
     after-mark-complete    die once the cache store is marked complete
     step:EPOCH:STEP        die just before that optimizer step (both counted from 0)
+    term:EPOCH:STEP        send itself SIGTERM just before that optimizer step (as `kill` or a scheduler would)
     hand-off:DIR           the cache's claim holder builds only once another process has said it waits
     claim:DIR:NAME[:hold]  no command: take the claim NAME, print "acquired", exit (or hold it until killed)
 
@@ -75,7 +76,7 @@ def kill_after_mark_complete() -> None:
     cache.mark_complete = mark_then_die  # the stage calls it as cache.mark_complete
 
 
-def kill_before_step(epoch: int, step: int) -> None:
+def kill_before_step(epoch: int, step: int, signum: int = signal.SIGKILL) -> None:
     from kdtrack import engine
 
     optimizer_step, steps = engine._optimizer_step, [0]
@@ -84,7 +85,7 @@ def kill_before_step(epoch: int, step: int) -> None:
     def counted(*args, **kwargs):
         if signature.bind(*args, **kwargs).arguments["epoch"] == epoch:
             if steps[0] == step:
-                die()
+                os.kill(os.getpid(), signum)
             steps[0] += 1
         return optimizer_step(*args, **kwargs)
 
@@ -151,6 +152,8 @@ def main(fault: str, cli_args: list[str]) -> None:
         kill_after_mark_complete()
     elif kind == "step":
         kill_before_step(*(int(v) for v in arg.split(":")))
+    elif kind == "term":
+        kill_before_step(*(int(v) for v in arg.split(":")), signum=signal.SIGTERM)
     elif kind == "hand-off":
         hand_off_claim(Path(arg))
     else:

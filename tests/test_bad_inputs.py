@@ -3,20 +3,24 @@ RUNNING and no cache marked complete. Also: unsafe checkpoints and escaping mani
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import DIGITS, TINY_TEACHER, cli, free_port, subprocess_env
+from conftest import DIGITS, TINY_TEACHER, cli, free_port, set_args, subprocess_env
 from kdtrack import checkpoint, config, tracking
-from kdtrack.stages import train_teacher
+from kdtrack.errors import TrackingError
+from kdtrack.stages import recompute_logits, train_teacher
 
 MISSING_RUN = "0123456789abcdef0123456789abcdef"
 EXPERIMENT = "bad-inputs"
@@ -85,6 +89,18 @@ def _file(c: Ctx, name: str, text: str) -> str:
     return str(c.tmp / name)
 
 
+def _bytes(c: Ctx, name: str, data: bytes) -> str:
+    (c.tmp / name).write_bytes(data)
+    return str(c.tmp / name)
+
+
+def _blocked_expert(c: Ctx) -> str:
+    """An export folder whose <expert> entry is a file."""
+    (c.tmp / "export-dir").mkdir(exist_ok=True)
+    (c.tmp / "export-dir" / c.teacher).write_text("")
+    return str(c.tmp / "export-dir")
+
+
 def _best_pt(run_id: str) -> Path:
     return tracking.local_artifact_dir(run_id) / "checkpoints" / "best.pt"
 
@@ -110,13 +126,67 @@ def _plant_pickle(c: Ctx) -> None:
     torch.save({"state_dict": {}, "spec": _RunsCode(c.tmp / "pwned")}, _best_pt(c.victim))
 
 
+Undo = Callable[[], None]
+
+
+def _store_db() -> Path:
+    return Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
+
+
+def _lock_store(c: Ctx) -> Undo:
+    """Another writer holds the session store's exclusive lock (kdtrack waits 0.2 s for it, not 20 s)."""
+    db = sqlite3.connect(_store_db(), isolation_level=None, timeout=5)
+    db.execute("BEGIN EXCLUSIVE")
+    busy, tracking._SQLITE_BUSY_S = tracking._SQLITE_BUSY_S, 0.2
+
+    def undo() -> None:
+        tracking._SQLITE_BUSY_S = busy
+        db.execute("ROLLBACK")
+        db.close()
+
+    return undo
+
+
+def _use_store(uri: str | None, cwd: Path | None = None) -> Undo:
+    """MLFLOW_TRACKING_URI (None: unset) and the working directory, until undone."""
+    old_uri, old_cwd = os.environ["MLFLOW_TRACKING_URI"], Path.cwd()
+    os.environ.pop("MLFLOW_TRACKING_URI")
+    if uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+    if cwd:
+        os.chdir(cwd)
+
+    def undo() -> None:
+        os.chdir(old_cwd)
+        os.environ["MLFLOW_TRACKING_URI"] = old_uri
+        mlflow.set_tracking_uri(old_uri)
+
+    return undo
+
+
+def _bad_store(c: Ctx, name: str, content: bytes) -> Undo:
+    folder = c.tmp / name
+    folder.mkdir()
+    (folder / "mlflow.db").write_bytes(content)
+    return _use_store(f"sqlite:///{folder / 'mlflow.db'}")
+
+
+def _mlruns_a_file(c: Ctx) -> Undo:
+    """The default store (MLFLOW_TRACKING_URI unset) in a folder where `mlruns`, its artifact root, is a file."""
+    folder = c.tmp / "mlruns-file"
+    folder.mkdir()
+    (folder / "mlruns").write_text("not a folder")
+    return _use_store(None, folder)
+
+
 # --- the catalogue --------------------------------------------------------------------------------------------------
 
 TEACHER, STUDENT = ("cache-logits", "--config", str(DIGITS)), ("train-student", "--config", str(DIGITS))
 Args = Callable[[Ctx], list[str]]
 
 
-def _case(id_: str, code: int, text: str, args: Args, setup: Callable[[Ctx], None] | None = None):
+def _case(id_: str, code: int, text: str, args: Args, setup: Callable[[Ctx], Undo | None] | None = None):
+    """`setup` changes something before the command runs; a callable it returns undoes that afterwards."""
     return pytest.param(code, text, args, setup, id=id_)
 
 
@@ -221,9 +291,58 @@ CASES = [
           lambda c: ["pipeline", "--config", str(DIGITS), "--students", "kd,distil"]),
     _case("sweep-bad-seeds", 2, "--seeds 'a,b' is not a list of integers",
           lambda c: ["sweep", "--config", str(DIGITS), "--seeds", "a,b"]),
+    _case("sweep-no-seeds", 2, "no seeds given in --seeds ','",
+          lambda c: ["sweep", "--config", str(DIGITS), "--seeds", ","]),
+    _case("config-empty-experiment", 2, "experiment is empty", lambda c: ["train-teacher", "--set", "experiment="]),
+    _case("config-blank-experiment-in-file", 2, "experiment is empty",
+          lambda c: ["train-teacher", "--config", _file(c, "blank.yaml", "experiment: '  '\n")]),
+    _case("config-negative-momentum", 2, "optim.momentum=-0.5 must be >= 0",
+          lambda c: ["train-teacher", "--set", "optim.momentum=-0.5"]),
+    _case("config-negative-weight-decay", 2, "optim.weight_decay=-0.001 must be >= 0",
+          lambda c: ["train-teacher", "--set", "optim.weight_decay=-1e-3"]),
+    _case("config-negative-student-momentum", 2, "student.optim.momentum=-1.0 must be >= 0",
+          lambda c: [*STUDENT, "--set", "method=none", "--set", "student.optim.momentum=-1"]),
+    _case("config-negative-student-weight-decay", 2, "student.optim.weight_decay=-0.1 must be >= 0",
+          lambda c: [*STUDENT, "--set", "method=none", "--set", "student.optim.weight_decay=-0.1"]),
+    _case("config-seed-overflows-64-bits", 2, "seed=99999999999999999999 is outside 0..18446744073709551615",
+          lambda c: ["train-teacher", "--set", "seed=99999999999999999999"]),
+    _case("config-binary-file", 2, "is not a text file (byte 0 is not UTF-8)",
+          lambda c: ["train-teacher", "--config", _bytes(c, "noise.yaml", bytes(range(128, 256)) * 8)]),
+    _case("config-png-file", 2, "is not a text file (byte 0 is not UTF-8)",
+          lambda c: ["train-teacher", "--config", _bytes(c, "image.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")]),
+    _case("config-number-key", 2, "has the key 1 at the top level, which is not a config key name",
+          lambda c: ["train-teacher", "--config", _file(c, "numkey.yaml", "1: 2\nseedd: 3\n")]),
+    _case("config-number-key-in-section", 2, "has the key 1 in section optim, which is not a config key name",
+          lambda c: ["train-teacher", "--config", _file(c, "numkey2.yaml", "optim:\n  lr: 0.1\n  1: 2\n")]),
+    _case("config-list-key", 2, "has a list or mapping as a key (line 1), not a config key name",
+          lambda c: ["train-teacher", "--config", _file(c, "listkey.yaml", "? [a, b]\n: 3\n")]),
+    _case("config-verify-rows-zero", 2, "cache.verify_rows=0 must be >= 1",
+          lambda c: [*TEACHER, "--teacher-run-id", c.teacher, "--set", "cache.verify_rows=0"]),
+    _case("config-kd-alpha-out-of-range", 2, "kd.alpha=1.5 is outside 0..1 — e.g. --set kd.alpha=0.7",
+          lambda c: [*STUDENT, "--teacher-run-id", c.teacher, "--set", "kd.alpha=1.5"]),
+    _case("config-eval-batch-size-zero", 2, "data.eval_batch_size=0 must be >= 1 — e.g. --set data.eval_batch_size=",
+          lambda c: ["train-teacher", "--set", "data.eval_batch_size=0"]),
+    _case("config-temperature-zero", 2, "kd.temperature=0.0 must be > 0 — e.g. --set kd.temperature=4.0",
+          lambda c: [*STUDENT, "--teacher-run-id", c.teacher, "--set", "kd.temperature=0"]),
     # output
     _case("fetch-out-under-a-file", 2, "cannot create output folder",
           lambda c: ["fetch", "--run-id", c.teacher, "--out", _file(c, "a-file", "") + "/models"]),
+    _case("export-npz-under-a-file", 2, "cannot create export folder",  # (--export-npz a file: click refuses it)
+          lambda c: ["recompute-logits", "--config", str(DIGITS), "--teacher-run-id", c.teacher, "--splits", "val",
+                     "--export-npz", _file(c, "export-file", "") + "/npz"]),
+    _case("export-npz-expert-is-a-file", 2, "cannot create export folder",
+          lambda c: ["recompute-logits", "--config", str(DIGITS), "--teacher-run-id", c.teacher, "--splits", "val",
+                     "--export-npz", _blocked_expert(c)]),
+    # the tracking store
+    _case("store-locked", 1, "mlflow.db is locked by another process (database is locked) — retry once",
+          lambda c: ["train-teacher", "--config", str(DIGITS), *set_args(*TINY_TEACHER)], _lock_store),
+    _case("store-not-a-database", 1, "mlflow.db is corrupt: not an SQLite database — restore it from a backup",
+          lambda c: ["lineage", c.teacher], lambda c: _bad_store(c, "noise-db", bytes(range(256)) * 64)),
+    _case("store-truncated", 1, "mlflow.db is truncated: ",
+          lambda c: ["train-teacher", "--config", str(DIGITS), *set_args(*TINY_TEACHER)],
+          lambda c: _bad_store(c, "half-db", _store_db().read_bytes()[:_store_db().stat().st_size // 2])),
+    _case("store-mlruns-is-a-file", 1, "mlruns is a file, but the tracking store sqlite:///mlflow.db keeps its",
+          lambda c: ["train-teacher", "--config", str(DIGITS), *set_args(*TINY_TEACHER)], _mlruns_a_file),
 ]
 
 
@@ -251,15 +370,18 @@ def _assert_one_line_error(err: str, text: str) -> None:
 
 
 @pytest.mark.parametrize(("code", "text", "args", "setup"), CASES)
-def test_bad_input(ctx: Ctx, code: int, text: str, args: Args, setup: Callable[[Ctx], None] | None):
+def test_bad_input(ctx: Ctx, code: int, text: str, args: Args, setup: Callable[[Ctx], Undo | None] | None):
     best = _best_pt(ctx.victim)
     kept = best.read_bytes()
     before = _complete_caches()
+    undo = None
     try:
         if setup:
-            setup(ctx)
+            undo = setup(ctx)
         exit_code, _out, err = cli(*args(ctx))
     finally:
+        if callable(undo):
+            undo()
         best.write_bytes(kept)
     _assert_one_line_error(err, text)
     assert exit_code == code, err
@@ -299,6 +421,71 @@ def test_unreachable_tracking_server_fails_fast(command: list[str], store: str):
     assert out.returncode == 1, out.stderr
     _assert_one_line_error(out.stderr, uri)
     assert "start the server or fix MLFLOW_TRACKING_URI" in out.stderr
+    assert _running() == []
+
+
+def test_locked_store_starts_no_run_and_a_retry_works(ctx: Ctx):
+    command = ["train-teacher", "--config", str(DIGITS), *set_args(*TINY_TEACHER, "experiment=locked-store")]
+    undo = _lock_store(ctx)
+    try:
+        code, _out, err = cli(*command)
+    finally:
+        undo()
+    assert code == 1
+    _assert_one_line_error(err, "is locked by another process")
+    experiment = MlflowClient().get_experiment_by_name("locked-store")
+    assert experiment is None or not MlflowClient().search_runs([experiment.experiment_id])
+    code, out, err = cli(*command)
+    assert code == 0, err
+    assert MlflowClient().get_run(out.strip()).info.status == "FINISHED"
+
+
+def test_store_errors_met_during_a_run_are_named(store: str):
+    """What MLflow raises when the store locks up or breaks after kdtrack's own checks passed (e.g. at start_run)."""
+    from mlflow.exceptions import MlflowException
+
+    locked = MlflowException("(sqlite3.OperationalError) database is locked\n[SQL: INSERT INTO runs ...]")
+    assert str(tracking.store_error(locked)) == (f"tracking store {store} is locked by another process (database is "
+                                                 "locked) — retry once the other process has finished writing to it")
+    cause = sqlite3.DatabaseError("database disk image is malformed")
+    try:
+        raise MlflowException("SQLAlchemy error") from cause
+    except MlflowException as exc:
+        assert "is corrupt or truncated (database disk image is malformed)" in str(tracking.store_error(exc))
+    other = TrackingError("cannot start a run", "check the run id")
+    assert tracking.store_error(MlflowException("RESOURCE_DOES_NOT_EXIST"), other) is other
+
+
+def test_corrupt_store_in_a_real_process_prints_one_line(ctx: Ctx):
+    """Nothing else (e.g. MLflow logging a traceback) reaches stderr when the CLI runs as its own process."""
+    folder = ctx.tmp / "corrupt-subprocess"
+    folder.mkdir()
+    (folder / "mlflow.db").write_bytes(_store_db().read_bytes()[:8192])
+    out = subprocess.run([sys.executable, "-m", "kdtrack", "lineage", ctx.teacher], capture_output=True, text=True,
+                         env=subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'mlflow.db'}"), timeout=120)
+    assert out.returncode == 1, out.stderr
+    _assert_one_line_error(out.stderr, "mlflow.db is truncated: 8192 of ")
+
+
+def test_failed_npz_export_leaves_no_file_under_its_name(ctx: Ctx, monkeypatch: pytest.MonkeyPatch):
+    """An export cut short midway (here: the disk fills up) leaves neither a truncated .npz nor its temporary file."""
+    real_savez = np.savez
+
+    def savez_then_disk_full(file, **arrays):
+        real_savez(file, **arrays)
+        if isinstance(file, (str, Path)):
+            os.truncate(file, Path(file).stat().st_size // 2)
+        else:
+            file.truncate(file.tell() // 2)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(recompute_logits.np, "savez", savez_then_disk_full)
+    out_dir = ctx.tmp / "export-cut"
+    code, _out, err = cli("recompute-logits", "--config", str(DIGITS), "--teacher-run-id", ctx.teacher,
+                          "--splits", "val", "--export-npz", str(out_dir), "--set", f"experiment={EXPERIMENT}")
+    assert code == 1
+    _assert_one_line_error(err, f"cannot write {out_dir / ctx.teacher / 'val_logits.npz'} (No space left on device)")
+    assert list((out_dir / ctx.teacher).iterdir()) == []
     assert _running() == []
 
 

@@ -100,6 +100,9 @@ def _rewrite_checkpoint(run_id: str, edit) -> None:
     edit(payload)
     payload["weights_sha256"] = checkpoint.weights_sha256(payload["state_dict"])
     checkpoint.save(path, payload)
+    # recorded as the run's own, so that the load reaches the architecture check (a file swapped behind the run's
+    # back is refused earlier: tests/test_boundaries.py)
+    tracking.StageRun.of(run_id).set_tags({"kdtrack.checkpoint_sha256": payload["weights_sha256"]})
 
 
 def test_architecture_and_size_mismatch_are_named(store: str):

@@ -219,7 +219,7 @@ def test_claim_waits_for_its_holder_and_a_killed_holder_lets_go(tmp_path: Path,
     holder = _script(f"claim:{folder}:k:hold")
     assert holder.stdout.readline() == "acquired\n"
     lock = folder / "k.lock"
-    assert lock.read_text() == f"{holder.pid} {host}\n"
+    assert lock.read_text() == f"{holder.pid} {host} testing claims\n"
     with open(lock) as other, pytest.raises(BlockingIOError):
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     holder.kill()
@@ -227,7 +227,7 @@ def test_claim_waits_for_its_holder_and_a_killed_holder_lets_go(tmp_path: Path,
     assert holder.returncode == KILLED
     capsys.readouterr()
     with claims.claim(folder, "k", "testing claims"):  # the kernel released the dead holder's flock
-        assert lock.read_text() == f"{os.getpid()} {host}\n"
+        assert lock.read_text() == f"{os.getpid()} {host} testing claims\n"
     assert capsys.readouterr().err == ""
 
 
@@ -288,3 +288,70 @@ def test_one_artifact_is_downloaded_once_by_concurrent_readers(tmp_path: Path, m
     first.join()
     assert downloads == ["run1"] and overlapped == [False]
     assert results[0] == results[1] and results[0].read_text() == "logits"
+
+
+# ---------------------------------------------------------------- SIGTERM, orphans, equal steps at once
+
+STUDENT_SETS = ("student.model.name=mlp", "student.model.hidden=[16]", "student.optim.epochs=3", "train.progress=off")
+
+
+def _runs(experiment: str) -> dict[str, list]:
+    """The runs of an experiment by kdtrack stage, oldest first."""
+    client = MlflowClient()
+    found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], order_by=["start_time"])
+    by_stage: dict[str, list] = {}
+    for run in found:
+        by_stage.setdefault(run.data.tags.get("kdtrack.stage", "?"), []).append(run)
+    return by_stage
+
+
+def test_sigterm_ends_the_run_killed_and_it_resumes(digits_teacher: str, forkserver, tmp_path: Path) -> None:
+    sets = (*STUDENT_SETS, "experiment=faults-sigterm")
+    cache_logits.run(config.load(DIGITS, list(sets)), digits_teacher)
+    code, _out, err = _Command(forkserver, tmp_path / "term", "term:1:0", "train-student", "--teacher-run-id",
+                               digits_teacher, "--config", str(DIGITS), *set_args(*sets)).wait()
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    assert "terminated (SIGTERM): the run was ended KILLED" in err and "Traceback" not in err
+    (run,) = _runs("faults-sigterm")["student"]
+    assert run.info.status == "KILLED"
+    code, out, err = cli("train-student", "--resume", run.info.run_id)
+    assert code == 0 and out.strip() == run.info.run_id, err
+    assert sorted(m.step for m in MlflowClient().get_metric_history(run.info.run_id, "train/loss")) == [0, 1, 2]
+
+
+def test_an_orphan_is_marked_killed_and_a_pipeline_rerun_resumes_its_student(store: str, forkserver,
+                                                                             tmp_path: Path) -> None:
+    sets = set_args("model.name=mlp", "model.hidden=[32]", "optim.epochs=1", *STUDENT_SETS, "experiment=faults-orphan")
+    args = ("pipeline", "--config", str(DIGITS), "--students", "kd", *sets)
+    code, _out, err = _Command(forkserver, tmp_path / "killed", "step:1:0", *args).wait()  # the student's epoch 1
+    assert code == KILLED, err[-3000:]
+    before = _runs("faults-orphan")
+    assert [r.info.status for r in before["pipeline"] + before["student"]] == ["RUNNING", "RUNNING"]
+    orphan = before["student"][0].info.run_id
+
+    code, out, err = cli(*args)
+    assert code == 0, err
+    assert f"note: run {orphan} (student-kd-t4-a0.7) was RUNNING but its process (pid " in err
+    steps = json.loads(MlflowClient().get_run(out.strip().splitlines()[-1]).data.tags["kdtrack.steps"])
+    assert steps["student-kd"] == [orphan, False] and f"student-kd: resuming interrupted run {orphan}" in err
+    assert MlflowClient().get_run(orphan).info.status == "FINISHED"
+    assert sorted(m.step for m in MlflowClient().get_metric_history(orphan, "train/loss")) == [0, 1, 2]
+    old_parent = before["pipeline"][0].info.run_id
+    assert tracking.get_run(old_parent).info.status == "KILLED"  # met by this command: marked
+    assert "its owner (pid" in MlflowClient().get_run(old_parent).data.tags["kdtrack.ended_by"]
+
+
+def test_two_equal_pipelines_at_once_do_each_step_once(store: str, forkserver, tmp_path: Path) -> None:
+    tracking.experiment_names()  # the store's tables exist before two processes open it
+    sets = set_args("model.name=mlp", "model.hidden=[24]", "optim.epochs=1", *STUDENT_SETS,  # a teacher of its own
+                    "student.optim.epochs=1", "experiment=faults-twins")
+    args = ("pipeline", "--config", str(DIGITS), "--students", "kd,none", *sets)
+    twins = [_Command(forkserver, tmp_path / f"twin{i}", "none", *args) for i in range(2)]
+    results = [twin.wait() for twin in twins]
+    assert [code for code, *_ in results] == [0, 0], [err[-2000:] for *_, err in results]
+    runs = _runs("faults-twins")
+    assert {stage: len(found) for stage, found in runs.items()} == {"pipeline": 2, "teacher": 1, "cache": 1,
+                                                                     "student": 2}
+    steps = [json.loads(r.data.tags["kdtrack.steps"]) for r in _runs("faults-twins")["pipeline"]]
+    assert {k: v[0] for k, v in steps[0].items()} == {k: v[0] for k, v in steps[1].items()}
+    assert any("waiting for it" in err for *_, err in results)

@@ -54,6 +54,21 @@ def slow_angle_loss(s: list[list[float]], t: list[list[float]]) -> float:
     return sum(huber(cos_at(s, i, j, k), cos_at(t, i, j, k)) for i, j, k in triplets) / len(triplets)
 
 
+def kept_distance_loss(s: list[list[float]], t: list[list[float]], drop: set[frozenset[int]]) -> float:
+    """The distance term over the pairs not in `drop`, each side divided by its mean over those pairs."""
+    pairs = [(i, j) for i in range(len(s)) for j in range(len(s)) if i != j and frozenset((i, j)) not in drop]
+    mean_s = sum(dist(s[i], s[j]) for i, j in pairs) / len(pairs)
+    mean_t = sum(dist(t[i], t[j]) for i, j in pairs) / len(pairs)
+    return sum(huber(dist(s[i], s[j]) / mean_s, dist(t[i], t[j]) / mean_t) for i, j in pairs) / len(pairs)
+
+
+def kept_angle_loss(s: list[list[float]], t: list[list[float]], drop: set[frozenset[int]]) -> float:
+    """The angle term over the triplets none of whose three edges is in `drop`."""
+    triplets = [(i, j, k) for i, j, k in itertools.permutations(range(len(s)), 3)
+                if not {frozenset((i, j)), frozenset((j, k)), frozenset((i, k))} & drop]
+    return sum(huber(cos_at(s, i, j, k), cos_at(t, i, j, k)) for i, j, k in triplets) / len(triplets)
+
+
 def resnet(name: str) -> nn.Module:
     return build_model(ModelSpec(name, 4, INPUT))
 
@@ -79,6 +94,41 @@ def test_rkd_is_finite_with_duplicate_embeddings_and_scale_free() -> None:
     base = torch.randn(6, 4, dtype=torch.float64)
     assert rkd_distance_loss(base * 7.0, base).item() == pytest.approx(0.0, abs=1e-12)
     assert rkd_angle_loss(base * 7.0 + 1.0, base).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def _with_duplicates(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, set[frozenset[int]]]:
+    """8 student and teacher rows: student rows 6 = 0 exactly and 7 = 2 + 1e-9, teacher rows 5 = 4 exactly.
+    Returns them and the degenerate pairs (in either model), which the loss must leave out."""
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(8, 5, generator=gen, dtype=torch.float64)
+    s[6] = s[0]
+    s[7] = s[2] + 1e-9 * torch.randn(5, generator=gen, dtype=torch.float64)
+    t = torch.randn(8, 4, generator=gen, dtype=torch.float64) * 2
+    t[5] = t[4]
+    return s.to(dtype), t.to(dtype), {frozenset((0, 6)), frozenset((2, 7)), frozenset((4, 5))}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rkd_gradients_stay_bounded_with_duplicate_embeddings(dtype: torch.dtype) -> None:
+    s, t, _ = _with_duplicates(dtype)
+    for term in (rkd_distance_loss, rkd_angle_loss):
+        leaf = s.clone().requires_grad_()
+        term(leaf, t).backward()
+        norm = leaf.grad.norm().item()
+        assert math.isfinite(norm) and norm < 1e3, (term.__name__, norm)
+
+
+def test_rkd_leaves_out_degenerate_pairs_and_triplets() -> None:
+    s, t, drop = _with_duplicates(torch.float64)
+    rows_s, rows_t = s.tolist(), t.tolist()
+    want_d, want_a = kept_distance_loss(rows_s, rows_t, drop), kept_angle_loss(rows_s, rows_t, drop)
+    assert want_d > 1e-3 and want_a > 1e-3
+    assert rkd_distance_loss(s, t).item() == pytest.approx(want_d, rel=1e-9)
+    assert rkd_angle_loss(s, t).item() == pytest.approx(want_a, rel=1e-9)
+    # All rows equal in the teacher: no pair or triplet is left, so both terms are 0 with a zero gradient.
+    leaf = s.clone().requires_grad_()
+    (rkd_distance_loss(leaf, t[:1].expand(8, -1)) + rkd_angle_loss(leaf, t[:1].expand(8, -1))).backward()
+    assert leaf.grad.abs().max().item() == 0.0
 
 
 def test_fitnet_regressor_shapes() -> None:

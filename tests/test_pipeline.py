@@ -75,8 +75,10 @@ def test_teacher_change_reruns_everything(first_pipeline: str):
     code, out, err = _pipeline("pipeline", "--set", "optim.lr=0.04")
     assert code == 0, err
     steps, before = _steps(out.strip().splitlines()[-1]), _steps(first_pipeline)
-    for name in before:
+    for name in ("teacher", "cache", "student-kd"):
         assert steps[name][1] is False and steps[name][0] != before[name][0], name
+    # The baseline learns from labels alone: another teacher does not make it another run.
+    assert steps["student-none"] == [before["student-none"][0], True]
 
 
 def test_force_reruns_from_that_step(first_pipeline: str):

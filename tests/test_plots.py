@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import statistics
 import subprocess
 import sys
@@ -163,6 +164,30 @@ def test_script_as_a_subprocess(runs, tmp_path):
     assert all(p.stat().st_size > 0 for p in written)
 
 
+def test_nan_and_inf_metrics_are_skipped_and_marked(store, tmp_path, capsys):
+    """A run with a NaN epoch time and an infinite accuracy (MLflow's SQL store keeps ±Inf as ±max float)."""
+    client = MlflowClient()
+    run = client.create_run(client.create_experiment("plots-nonfinite"), run_name="diverged",
+                            tags={"kdtrack.stage": "student", "kdtrack.method": "kd"}).info.run_id
+    for key, values in {"epoch_seconds": [math.nan, 1.5], "val/acc": [0.5, math.inf], "test/acc": [math.inf]}.items():
+        for step, value in enumerate(values):
+            client.log_metric(run, key, value, step=step)
+    client.set_terminated(run, "FINISHED")
+    code, out, err = _run(capsys, "--experiment", "plots-nonfinite", "--out", str(tmp_path))
+    assert code == 0 and "Traceback" not in err, err
+    assert out.split() == [str(tmp_path / f"{n}.png") for n in ("learning_curves", "students", "epoch_times")]
+    figures = _figures(experiment="plots-nonfinite")
+    (bar,) = figures["students"].axes[0].patches
+    assert bar.get_height() == 0.0 and bar.get_hatch() == "xx"
+    assert [t.get_text() for t in figures["students"].axes[0].texts] == ["inf"]
+    val_acc = figures["learning_curves"].axes[3]
+    assert val_acc.get_title() == "val/acc (1 NaN/Inf value not drawn)"
+    assert list(val_acc.lines[0].get_ydata()) == [0.5]
+    times = figures["epoch_times"].axes[0]
+    assert [b.get_height() for b in times.patches] == [1.5]
+    assert times.get_title() == "Epoch time per method (1 NaN/Inf value not drawn)"
+
+
 # --- pure functions on hand-made histories ---------------------------------------------------------------
 
 def _run_history(name: str, stage: str = "student", method: str = "kd", **metrics) -> RunHistory:
@@ -223,3 +248,19 @@ def test_pure_labels_tell_same_named_runs_apart():
     a, b = RunHistory("a" * 32, "student-none"), RunHistory("b" * 32, "student-none")
     assert plots.run_labels([a, b, KD]) == {a.run_id: "student-none (aaaaaa)", b.run_id: "student-none (bbbbbb)",
                                             KD.run_id: "kd"}
+
+
+def test_pure_plots_leave_out_and_mark_non_finite_values():
+    nan_time = _run_history("a", epoch_seconds=[(0, math.nan), (1, 2.0), (2, 4.0)], train__loss=[(0, math.inf)])
+    only_nan = _run_history("b", method="none", epoch_seconds=[(0, math.nan)], test__acc=[(0, math.nan)])
+    ax = plots.epoch_times([nan_time, only_nan]).axes[0]
+    assert [b.get_height() for b in ax.patches] == [3.0]  # group `none` has no finite time: no bar
+    assert ax.get_title().endswith("(2 NaN/Inf values not drawn)")
+    ax = plots.compare_students([TEACHER], [KD, only_nan, _run_history("c", test__acc=[(0, -math.inf)])]).axes[0]
+    assert [b.get_height() for b in ax.patches] == [0.97, 0.91, 0.0, 0.0]
+    assert [b.get_hatch() for b in ax.patches] == ["", "", "xx", "xx"]
+    assert [t.get_text() for t in ax.texts] == ["0.970", "0.910", "nan", "-inf"]
+    assert ax.get_ylim() == pytest.approx((0.0, 1.08)) and not ax.lines  # the NaN baseline draws no level
+    loss = plots.learning_curves([nan_time, KD]).axes[0]
+    assert [list(line.get_ydata()) for line in loss.lines] == [[1.0, 0.5]]
+    assert loss.get_title() == "train/loss (1 NaN/Inf value not drawn)"

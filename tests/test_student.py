@@ -55,10 +55,27 @@ def test_cached_student_uses_exactly_its_cache(digits_teacher: str, digits_cache
     assert run.data.metrics["train/kd_weight"] == pytest.approx(0.9)
 
 
-def test_kd_transfers_the_teacher(kd_and_baseline: tuple[str, str]):
+def _test_predictions(run_id: str) -> torch.Tensor:
+    """Test-split predictions of a run's best.pt, computed here from the checkpoint alone."""
+    from kdtrack.data import Normalisation
+    from kdtrack.models import ModelSpec, build_model
+
+    payload = checkpoint.load(tracking.artifact_path(run_id, "checkpoints/best.pt"))
+    model = build_model(ModelSpec.from_dict(payload["spec"]))
+    model.load_state_dict(payload["state_dict"])
+    test = student_dataset(config.load(DIGITS).data).select(["test"])
+    test = test.with_normalisation(Normalisation.from_dict(payload["normalisation"]))
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    with torch.no_grad():
+        return model.eval()(x).argmax(1)
+
+
+def test_kd_transfers_the_teacher(digits_teacher: str, kd_and_baseline: tuple[str, str]):
     kd, none = (MlflowClient().get_run(r).data.metrics for r in kd_and_baseline)
-    assert kd["test/agreement"] > none["test/agreement"]
-    assert kd["test/kl_to_teacher"] < none["test/kl_to_teacher"]
+    teacher, kd_pred, none_pred = (_test_predictions(r) for r in (digits_teacher, *kd_and_baseline))
+    assert kd["test/agreement"] == pytest.approx((kd_pred == teacher).float().mean().item())
+    assert kd["test/agreement"] > (none_pred == teacher).float().mean().item()
+    assert "test/agreement" not in none and "test/kl_to_teacher" not in none  # a baseline has no teacher
     assert kd["test/acc"] > 0.8 and none["test/acc"] > 0.8
 
 
@@ -94,8 +111,12 @@ def test_stale_cache_is_refused(store: str):
     payload["state_dict"]["fc.bias"] = payload["state_dict"]["fc.bias"] + 1.0
     payload["weights_sha256"] = checkpoint.weights_sha256(payload["state_dict"])
     checkpoint.save(path, payload)
+    code, _out, err = _student(teacher, "student.optim.epochs=1")  # a file the run never recorded is refused
+    assert code == 1 and f"has weights {payload['weights_sha256'][:12]} but the run recorded" in err
+    # As when the run itself wrote new weights (e.g. a resumed teacher): its cache no longer fits them.
+    tracking.StageRun.of(teacher).set_tags({"kdtrack.checkpoint_sha256": payload["weights_sha256"]})
     code, _out, err = _student(teacher, "student.optim.epochs=1")
-    assert code == 2 and "1 cache(s) of this teacher exist, for other data or another checkpoint" in err
+    assert code == 2 and "1 cache(s) of this teacher exist, for other data, checkpoint or dtype" in err
 
 
 def test_rkd_student_learns(digits_teacher: str, kd_and_baseline: tuple[str, str]):

@@ -295,18 +295,26 @@ def verify_store(
     seed: int = 0,
     amp_dtype: torch.dtype | None = None,
     expected_checkpoint: str | None = None,
+    data_digest: str | None = None,
 ) -> VerifyReport:
     """Integrity of every chunk, coverage of `sample_ids`, and fidelity of `model` on `dataset` rows.
 
     `fidelity_rows` is a list of dataset rows, or a count of seeded random rows; fidelity needs a model and a dataset.
+    `data_digest` is the digest of the rows as they are now: a store built for other data fails whichever rows are
+    recomputed, and fidelity is skipped (it would compare the teacher on other data with these logits).
     """
     provenance = []
     stored = group.attrs.get("checkpoint_sha256")
     if expected_checkpoint is not None and stored != expected_checkpoint:
         provenance.append(f"the cache was built from checkpoint {str(stored)[:12]}, "
                           f"not the expected {expected_checkpoint[:12]}")
+    built_for = group.attrs.get("dataset_digest")
+    data_changed = data_digest is not None and built_for != data_digest
+    if data_changed:
+        provenance.append(f"the data changed since this cache was built: digest now {data_digest[:12]}, "
+                          f"cache built for {str(built_for)[:12]}")
     report = VerifyReport(check_integrity(group), check_coverage(group, sample_ids), provenance=provenance)
-    if model is not None and dataset is not None:
+    if model is not None and dataset is not None and not data_changed:
         rows = (sample_rows(len(dataset), fidelity_rows, seed) if isinstance(fidelity_rows, int)
                 else np.asarray(fidelity_rows, dtype=np.int64))
         if len(rows):

@@ -93,9 +93,10 @@ def build(
     (repair). Several writers share a store by owning disjoint `chunks` with resume=True, after one call with
     `chunks=[]` has created it.
     """
-    if batch_size < 1 or dtype not in _TORCH_DTYPES:
-        raise BadInput(f"need batch_size >= 1 and dtype in {list(_TORCH_DTYPES)}, got {batch_size} and {dtype!r}",
-                       "e.g. batch_size=1024, dtype='float16'")
+    if batch_size < 1:
+        raise BadInput(f"need batch_size >= 1, got {batch_size}", "e.g. --set cache.batch_size=1024")
+    if dtype not in _TORCH_DTYPES:
+        raise BadInput(f"need dtype in {list(_TORCH_DTYPES)}, got {dtype!r}", "e.g. --set cache.dtype=float16")
     start_time = time.perf_counter()
     model.eval()
     output_shape = probe_output_shape(model, dataset, device)

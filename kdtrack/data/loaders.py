@@ -96,7 +96,9 @@ def make_loader(
     thin view forwarding to `ds` (its `.dataset` is `ds` itself).
     """
     if batch_size < 1:
-        raise DataError(f"batch_size is {batch_size}", "use a positive batch size, e.g. --set data.batch_size=64")
+        raise DataError(f"batch_size is {batch_size}",
+                        "use a positive batch size: data.batch_size (training), data.eval_batch_size (evaluation) "
+                        "or cache.batch_size (caching), e.g. --set data.batch_size=64")
     if num_workers < 0:
         raise DataError(f"num_workers is {num_workers}", "use 0 (load in the main process) or a positive count")
     if shard != (0, 1) and not shuffle:

@@ -38,7 +38,8 @@ def stratified_splits(labels: np.ndarray, val_fraction: float, test_fraction: fl
     """Split name per row: within each class a seeded random `test_fraction` goes to test, `val_fraction` to val."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise DataError(f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no training data",
-                        "use fractions in [0, 1) whose sum is below 1, e.g. 0.15 and 0.15")
+                        "use fractions in [0, 1) whose sum is below 1, "
+                        "e.g. --set data.val_fraction=0.15 --set data.test_fraction=0.15")
     n = len(labels)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5B17]))
     perm = rng.permutation(n)

@@ -129,9 +129,11 @@ def train_paraphraser(paraphraser: Paraphraser, teacher: nn.Module, loader: Iter
     The paraphraser is left in eval mode with its requires_grad as found (so a FactorTransfer's frozen one
     can be trained in place); the teacher's train/eval mode is restored.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1 or not (math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"paraphraser training needs epochs >= 1 and lr > 0, got {epochs}, {lr}",
-                          "e.g. epochs=10, lr=1e-3")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"paraphraser training needs epochs >= 1, got {epochs!r}",
+                          "e.g. --set kd.paraphraser_epochs=10")
+    if not (math.isfinite(lr) and lr > 0):  # not a config key: the stage passes its own rate
+        raise ConfigError(f"paraphraser training needs a finite lr > 0, got {lr!r}", "pass e.g. lr=1e-3")
     was_training = teacher.training
     teacher.eval()
     frozen = not any(p.requires_grad for p in paraphraser.parameters())

@@ -56,7 +56,7 @@ class FeatureKD:
     def __init__(self, method: nn.Module, teacher: nn.Module, alpha: float = 0.5,
                  label_smoothing: float = 0.0) -> None:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"feature KD alpha must be in [0, 1], got {alpha!r}", "e.g. alpha=0.5")
+            raise ConfigError(f"feature KD alpha must be in [0, 1], got {alpha!r}", "e.g. --set kd.alpha=0.5")
         self.method = method
         self.teacher = teacher.requires_grad_(False).eval()
         self.alpha = float(alpha)

@@ -41,7 +41,7 @@ def _normalised_weights(weights: Sequence[float] | torch.Tensor | None, k: int, 
     total = float(w.sum())
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not (math.isfinite(total) and total > 0):
         raise BadInput(f"teacher weights must be finite, >= 0 and not all 0, got {w.tolist()}",
-                       "e.g. weights=[2, 1] (normalised to sum 1)")
+                       "e.g. --set kd.fusion_weights=[2,1] (normalised to sum 1)")
     return (w / total).to(device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
 
 

@@ -34,7 +34,8 @@ def check_temperature(temperature: float) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
         math.isfinite(temperature) and temperature > 0
     ):
-        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}", "e.g. temperature=4.0")
+        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}",
+                          "e.g. --set kd.temperature=4.0")
 
 
 def _check_pair(student: torch.Tensor, teacher: torch.Tensor, rank: int | None = 2) -> None:
@@ -103,7 +104,7 @@ def _confidence(teacher_logits: torch.Tensor, weighting: str, threshold: float) 
 def _check_threshold(threshold: float) -> None:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"confidence threshold must be a probability in [0, 1], got {threshold!r}",
-                          "e.g. confidence_threshold=0.5")
+                          "e.g. --set kd.confidence_threshold=0.5")
 
 
 def compute_confidence_weights(
@@ -113,7 +114,7 @@ def compute_confidence_weights(
 
     'none' -> 1, 'pmax' -> the confidence, 'threshold' -> 1 where confidence >= threshold else 0.
     """
-    check_choice("kd_weighting", weighting, WEIGHTINGS)
+    check_choice("kd.weighting", weighting, WEIGHTINGS)
     _check_threshold(threshold)
     if teacher_logits.dim() != 2 or teacher_logits.shape[0] == 0:
         raise BadInput(f"teacher logits must be a non-empty (B, C) tensor, got {tuple(teacher_logits.shape)}",
@@ -152,17 +153,19 @@ class KDLossConfig:
     def __post_init__(self) -> None:
         check_temperature(self.temperature)
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
-        check_choice("kd_weighting", self.kd_weighting, WEIGHTINGS)
+        check_choice("kd.weighting", self.kd_weighting, WEIGHTINGS)
         check_choice("regression", self.regression, REGRESSIONS)
         _check_threshold(self.confidence_threshold)
-        for name, low, high in (("kd_alpha", 0.0, 1.0), ("label_smoothing", 0.0, 0.999)):
+        # field -> (bounds, the config key users set it with, an example value)
+        for name, low, high, key, example in (("kd_alpha", 0.0, 1.0, "kd.alpha", 0.5),
+                                              ("label_smoothing", 0.0, 0.999, "train.label_smoothing", 0.1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-                raise ConfigError(f"{name} must be in [{low}, {high}], got {value!r}", f"e.g. {name}=0.5")
-        for name in ("warmup_epochs", "kd_ramp_epochs"):
+                raise ConfigError(f"{name} must be in [{low}, {high}], got {value!r}", f"e.g. --set {key}={example}")
+        for name, key in (("warmup_epochs", "kd.warmup_epochs"), ("kd_ramp_epochs", "kd.ramp_epochs")):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} must be an int >= 0, got {value!r}", f"e.g. {name}=5")
+                raise ConfigError(f"{name} must be an int >= 0, got {value!r}", f"e.g. --set {key}=5")
 
 
 def _student_terms(

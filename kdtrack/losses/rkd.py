@@ -12,31 +12,46 @@ from torch import nn
 from kdtrack.losses.layers import layer_shape, stage_shapes, upcast
 
 _EPS = 1e-12
+# A pair closer than this share of the batch's mean distance is one point for relational purposes: a triplet on
+# it has no angle (normalising a ~0 difference has a ~1/eps gradient), so it is left out, as is the pair itself.
+_REL_TOL = 1e-3
 
 
 def _pairwise_distances(e: torch.Tensor) -> torch.Tensor:
-    """(B, D) -> (B, B) Euclidean distances; clamped so equal embeddings give a zero, not nan, gradient."""
-    sq = e.square().sum(dim=1)  # (B,)
-    # The Gram form needs O(B²) memory where explicit differences would need O(B² D).
-    return (sq[:, None] + sq[None, :] - 2.0 * e @ e.T).clamp(min=_EPS).sqrt()
+    """(B, D) -> (B, B) Euclidean distances from explicit differences (exact near 0, unlike the Gram form), in
+    O(B²) memory; equal rows give a zero distance and a zero gradient."""
+    return torch.cdist(e[None], e[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
 
 
-def _normalised_distances(e: torch.Tensor, off_diagonal: torch.Tensor) -> torch.Tensor:
-    d = _pairwise_distances(e)[off_diagonal]  # (B(B-1),) ordered pairs i != j
-    return d / d.mean().clamp(min=_EPS)
+def _edges(d: torch.Tensor) -> torch.Tensor:
+    """(B, B) distances -> (B, B) bool: pairs i != j longer than the tolerance (relative to the mean over i != j)."""
+    batch = d.shape[0]
+    with torch.no_grad():
+        scale = d.sum() / (batch * (batch - 1))  # the diagonal is exactly 0
+        return (d > _REL_TOL * scale) & ~torch.eye(batch, dtype=torch.bool, device=d.device)
+
+
+def _valid_pairs(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student and teacher distances, and the pairs that are an edge in both."""
+    ds, dt = _pairwise_distances(s), _pairwise_distances(t)
+    return ds, dt, _edges(ds) & _edges(dt)
 
 
 def rkd_distance_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tensor:
-    """Smooth-L1 between student and teacher pairwise distances, each divided by its own mean over pairs i != j.
+    """Smooth-L1 between student and teacher pairwise distances, each divided by its own mean over the pairs used.
 
-    Embeddings are flattened to (B, D); dimensions may differ between the two. Zero for B < 2.
+    Pairs of (near-)equal embeddings in either model are left out. Embeddings are flattened to (B, D); dimensions
+    may differ between the two. Zero for B < 2 or when no pair is left.
     """
     s, t = upcast(student_emb.flatten(1)), upcast(teacher_emb.detach().flatten(1))
-    batch = s.shape[0]
-    if batch < 2:
+    if s.shape[0] < 2:
         return s.sum() * 0.0
-    off_diagonal = ~torch.eye(batch, dtype=torch.bool, device=s.device)  # (B, B)
-    return F.smooth_l1_loss(_normalised_distances(s, off_diagonal), _normalised_distances(t, off_diagonal))
+    ds, dt, valid = _valid_pairs(s, t)
+    # Masked means rather than boolean indexing: no host sync, and a masked pair gets exactly zero gradient.
+    w = valid.to(s.dtype)
+    n = w.sum().clamp(min=1.0)
+    mean_s, mean_t = ((ds * w).sum() / n).clamp(min=_EPS), ((dt * w).sum() / n).clamp(min=_EPS)
+    return (F.smooth_l1_loss(ds / mean_s, dt / mean_t, reduction="none") * w).sum() / n
 
 
 def _angles(e: torch.Tensor) -> torch.Tensor:
@@ -48,16 +63,16 @@ def _angles(e: torch.Tensor) -> torch.Tensor:
 def rkd_angle_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tensor:
     """Smooth-L1 between student and teacher angle cosines over all ordered triplets of distinct samples.
 
-    Embeddings are flattened to (B, D); zero for B < 3. Memory is O(B² D + B³).
+    A triplet with an edge of (near-)equal embeddings in either model is left out. Embeddings are flattened to
+    (B, D); zero for B < 3 or when no triplet is left. Memory is O(B² D + B³).
     """
     s, t = upcast(student_emb.flatten(1)), upcast(teacher_emb.detach().flatten(1))
-    batch = s.shape[0]
-    if batch < 3:
+    if s.shape[0] < 3:
         return s.sum() * 0.0
-    idx = torch.arange(batch, device=s.device)
-    j, i, k = idx[:, None, None], idx[None, :, None], idx[None, None, :]
-    distinct = (i != j) & (k != j) & (i != k)  # (B, B, B)
-    return F.smooth_l1_loss(_angles(s)[distinct], _angles(t)[distinct])
+    _, _, edge = _valid_pairs(s.detach(), t)
+    used = (edge[:, :, None] & edge[:, None, :] & edge[None, :, :]).to(s.dtype)  # [j, i, k]: edges j-i, j-k, i-k
+    terms = F.smooth_l1_loss(_angles(s), _angles(t), reduction="none")  # (B, B, B)
+    return (terms * used).sum() / used.sum().clamp(min=1.0)
 
 
 def rkd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, w_dist: float = 1.0,

@@ -18,7 +18,7 @@ import torch
 from kdtrack import cache, claims, distributed, engine, tracking
 from kdtrack.config import Config
 from kdtrack.data import IndexedDataset, dataset_digest, distillation_rows, student_dataset
-from kdtrack.errors import CacheError
+from kdtrack.errors import CacheError, KdtrackError
 from kdtrack.stages.training import progress_enabled
 from kdtrack.teachers import Teacher, check_fits, load_teacher
 
@@ -78,7 +78,7 @@ def _prepare(cfg: Config, teacher_run_id: str, device: torch.device) -> tuple[Te
     teacher = load_teacher(teacher_run_id, device, cfg.cache.checkpoint)
     rows = cache_rows(cfg, teacher)
     check_fits(teacher, rows, classes=False)  # outputs may be signals of any shape; the inputs must fit
-    return teacher, rows, _plan(cfg, teacher, rows, device)
+    return teacher, rows, plan_for(cfg, teacher, rows, device)
 
 
 def _claim(teacher: Teacher, plan: _Plan) -> contextlib.AbstractContextManager[None]:
@@ -93,15 +93,60 @@ def cache_claim(key: str, teacher_run_id: str, doing: str = "building") -> conte
 
 
 def _reusable(teacher: Teacher, plan: _Plan) -> str | None:
-    """A FINISHED complete cache run of the same key and teacher run, announced on stderr."""
+    """A FINISHED complete cache run of the same key and teacher run whose store checks out, announced on stderr.
+    A candidate whose store does not is marked incomplete, so that nothing reuses it again."""
     # Same key and same teacher run: lineage stays exact even when two teacher runs hold equal weights.
     same = {f"{T}cache_key": plan.key, f"{T}teacher_run_id": teacher.run_id}
     for done in tracking.find_runs({**same, f"{T}complete": "true"}):
+        problem = store_problem(done)
+        if problem:
+            mark_broken(done, problem)
+            continue
         print(f"reusing cache run {done.info.run_id} (key {plan.key[:12]}): same teacher checkpoint, "
               "same data; pass --force to rebuild", file=sys.stderr)
         tracking.note_reuse(STAGE, done.info.run_id)
         return done.info.run_id
     return None
+
+
+def store_problem(run, expect: dict[str, str] | None = None, path: Path | None = None) -> str | None:
+    """What keeps cache run `run` from being read, or None: the run must be a FINISHED, complete, live cache run, and
+    its store must exist, say complete, have every chunk done, and carry the key, teacher, checkpoint and digest its
+    run's tags claim; `expect` adds attribute values the reader needs (e.g. the teacher's checkpoint hash, dtype)."""
+    tags, rid = run.data.tags, run.info.run_id
+    if run.info.lifecycle_stage == "deleted":
+        return f"cache run {rid} is deleted"
+    if tags.get(f"{T}stage") != STAGE:
+        return f"run {rid} is a {tags.get(f'{T}stage') or 'non-kdtrack'} run, not a cache"
+    if run.info.status != "FINISHED" or tags.get(f"{T}complete") != "true":
+        return f"cache run {rid} is {run.info.status}, complete={tags.get(f'{T}complete', '?')}"
+    try:
+        store = cache.open_store(path or tracking.artifact_path(rid, ARTIFACT))
+    except KdtrackError as exc:
+        return f"the store of cache run {rid} cannot be opened: {exc.what}"
+    attrs = dict(store.attrs)
+    claimed = {"cache_key": tags.get(f"{T}cache_key"), "teacher_run_id": tags.get(f"{T}teacher_run_id"),
+              "checkpoint_sha256": tags.get(f"{T}checkpoint_sha256"),
+              "dataset_digest": tags.get(f"{T}dataset_digest"), **(expect or {})}
+    for name, want in claimed.items():
+        if str(attrs.get(name)) != str(want):
+            return (f"the store of cache run {rid} has {name}={tracking.short(str(attrs.get(name)))}, "
+                    f"expected {tracking.short(str(want))}")
+    if not attrs.get("complete"):
+        return f"the store of cache run {rid} is not marked complete"
+    not_done = np.flatnonzero(~cache.done_flags(store))
+    if len(not_done):
+        return f"the store of cache run {rid} has {len(not_done)} chunks not done (first: {not_done[0]})"
+    return None
+
+
+def mark_broken(run, problem: str) -> None:
+    """Record on the run (and on its store, when it opens) that it must not be read, and say so."""
+    print(f"not reusing cache run {run.info.run_id}: {problem}; marked incomplete", file=sys.stderr)
+    with contextlib.suppress(KdtrackError):
+        cache.mark_incomplete(cache.open_store(tracking.artifact_path(run.info.run_id, ARTIFACT), mode="r+"))
+    tracking.StageRun.of(run.info.run_id).set_tags({f"{T}complete": "false", f"{T}verified": "fail",
+                                                    f"{T}problem": problem[:500]})
 
 
 @contextlib.contextmanager
@@ -115,7 +160,8 @@ def _cache_run(cfg: Config, teacher: Teacher, rows: IndexedDataset, plan: _Plan,
                    f"{teacher.checkpoint_sha256[:12]}) over {len(rows)} rows of {rows.source} "
                    f"({', '.join(rows.split_counts())}), {cfg.cache.dtype}.")
     with tracking.stage_run(STAGE, cfg, run_name=f"cache-{teacher.run_name}", description=description,
-                            resume_run_id=resume_id) as tracked:
+                            resume_run_id=resume_id, same_config=False,
+                            expect={f"{T}cache_key": plan.key, f"{T}teacher_run_id": teacher.run_id}) as tracked:
         tracked.set_tags(plan.tags(teacher, len(rows)))
         if resume_id is None:
             tracked.log_dataset(name=rows.source, digest=plan.digest, context="cache",
@@ -138,8 +184,10 @@ class _Plan:
                 f"{T}splits": ",".join(self.splits), f"{T}complete": "false"}
 
 
-def _plan(cfg: Config, teacher: Teacher, rows: IndexedDataset, device: torch.device) -> _Plan:
-    digest = dataset_digest(rows)
+def plan_for(cfg: Config, teacher: Teacher, rows: IndexedDataset, device: torch.device,
+             digest: str | None = None) -> _Plan:
+    """The cache of `teacher` over `rows` that `cfg` asks for: digest, key, output shape, splits."""
+    digest = digest or dataset_digest(rows)
     shape = cache.probe_output_shape(teacher.model, rows, device)
     splits = tuple(dict.fromkeys(rows.splits.tolist()))
     common = dict(checkpoint_sha256=teacher.checkpoint_sha256, splits=list(splits), dtype=cfg.cache.dtype,

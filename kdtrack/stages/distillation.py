@@ -15,11 +15,12 @@ from kdtrack import checkpoint, distributed, engine, tracking
 from kdtrack.cache import LogitTable
 from kdtrack.config import Config
 from kdtrack.data import IndexedDataset, make_loader
-from kdtrack.errors import BadInput, CacheNotFound
+from kdtrack.errors import BadInput, CacheError, CacheNotFound, CheckpointError
 from kdtrack.losses.feature import FeatureKD, build_feature_method
 from kdtrack.losses.fusion import fuse_teachers
 from kdtrack.losses.kd import KDLossConfig, LogitKD
 from kdtrack.losses.factor_transfer import train_paraphraser
+from kdtrack.stages import cache_logits
 from kdtrack.teachers import Teacher
 
 T = tracking.TAG
@@ -43,18 +44,19 @@ class Distillation:
 
 
 def build_distillation(cfg: Config, teachers: list[Teacher], student: torch.nn.Module, train: IndexedDataset,
-                       digest: str, device: torch.device, *, build_missing_cache: bool = False) -> Distillation:
+                       digest: str, device: torch.device, *, build_missing_cache: bool = False,
+                       cache_run_ids: list[str] = ()) -> Distillation:
     """The loss of `cfg.method`; `train` holds the raw (un-normalised) training rows in loader order and
-    `digest` is their dataset digest."""
+    `digest` is their dataset digest. `cache_run_ids` (one per teacher) pins the caches cached KD reads."""
     if cfg.method == "none":
         return Distillation(engine.SupervisedLoss(cfg.train.label_smoothing))
     if cfg.method == "kd":
-        return _logit_kd(cfg, teachers, train, digest, device, build_missing_cache)
+        return _logit_kd(cfg, teachers, train, digest, device, build_missing_cache, list(cache_run_ids))
     return _feature_kd(cfg, teachers, student, train, digest, device)
 
 
 def _logit_kd(cfg: Config, teachers: list[Teacher], train: IndexedDataset, digest: str, device: torch.device,
-              build_missing_cache: bool) -> Distillation:
+              build_missing_cache: bool, cache_run_ids: list[str]) -> Distillation:
     kd = cfg.kd
     # The hard-label term stays hard: label smoothing is never applied together with KD.
     loss_cfg = KDLossConfig(temperature=kd.temperature, kd_alpha=kd.alpha, loss_type=kd.loss_type,
@@ -75,7 +77,10 @@ def _logit_kd(cfg: Config, teachers: list[Teacher], train: IndexedDataset, diges
                 return fuse_teachers([m(batch[0]) for m in models], kd.fusion, weights)
 
         return Distillation(LogitKD(online, loss_cfg, domain))
-    caches = [resolve_cache(cfg, t, digest, build_missing_cache) for t in teachers]
+    if cache_run_ids and len(cache_run_ids) != len(teachers):
+        raise BadInput(f"{len(cache_run_ids)} cache runs given for {len(teachers)} teachers", "give one per teacher")
+    caches = ([pinned_cache(cfg, t, train, digest, device, c) for t, c in zip(teachers, cache_run_ids)]
+              if cache_run_ids else [resolve_cache(cfg, t, train, digest, device, build_missing_cache) for t in teachers])
     tables = [LogitTable.open(tracking.artifact_path(c.run_id, "logits.zarr"), train, expected_digest=digest)
               .to(device) for c in caches]
 
@@ -87,25 +92,40 @@ def _logit_kd(cfg: Config, teachers: list[Teacher], train: IndexedDataset, diges
                         tags={f"{T}cache_run_ids": ",".join(c.run_id for c in caches)})
 
 
-def resolve_cache(cfg: Config, teacher: Teacher, digest: str, build_missing: bool) -> CacheRef:
-    """The newest FINISHED complete cache of this teacher checkpoint over exactly the rows of `digest`."""
-    found = tracking.find_runs({f"{T}stage": "cache", f"{T}teacher_run_id": teacher.run_id,
-                                f"{T}complete": "true"})
-    fresh = [r for r in found if r.data.tags.get(f"{T}dataset_digest") == digest
-             and r.data.tags.get(f"{T}checkpoint_sha256") == teacher.checkpoint_sha256]
-    if not fresh and build_missing:
-        from kdtrack.stages import cache_logits  # the stage that builds it; imported only when needed
+def resolve_cache(cfg: Config, teacher: Teacher, train: IndexedDataset, digest: str, device: torch.device,
+                  build_missing: bool) -> CacheRef:
+    """The newest cache run of this teacher with the key cfg.cache gives these rows (same checkpoint, same rows, same
+    dtype) whose store checks out; one that does not is marked incomplete and passed over."""
+    key = cache_logits.plan_for(cfg, teacher, train, device, digest).key
+    of_teacher = tracking.find_runs({f"{T}stage": "cache", f"{T}teacher_run_id": teacher.run_id,
+                                     f"{T}complete": "true"})
+    for candidate in (r for r in of_teacher if r.data.tags.get(f"{T}cache_key") == key):
+        problem = cache_logits.store_problem(candidate)
+        if problem is None:
+            return CacheRef(candidate.info.run_id, teacher.run_id, key)
+        cache_logits.mark_broken(candidate, problem)
+    if build_missing:
+        return CacheRef(cache_logits.run(cfg, teacher.run_id), teacher.run_id, key)  # under torchrun, every rank
+    others = f" ({len(of_teacher)} cache(s) of this teacher exist, for other data, checkpoint or dtype)" \
+        if of_teacher else ""
+    raise CacheNotFound(
+        f"no finished cache for teacher run {teacher.run_id} ({teacher.checkpoint_name}.pt) and dataset "
+        f"{digest[:12]} in {cfg.cache.dtype}{others}",
+        f"build it with: kdtrack cache-logits --teacher-run-id {teacher.run_id} with this command's "
+        "--config/--set (train-student also takes --build-missing-cache)")
 
-        fresh = [tracking.get_run(cache_logits.run(cfg, teacher.run_id))]  # under torchrun, with every rank
-    if not fresh:
-        stale = f" ({len(found)} cache(s) of this teacher exist, for other data or another checkpoint)" if found else ""
-        raise CacheNotFound(
-            f"no finished cache for teacher run {teacher.run_id} ({teacher.checkpoint_name}.pt) and dataset "
-            f"{digest[:12]}{stale}",
-            f"build it with: kdtrack cache-logits --teacher-run-id {teacher.run_id} with this command's "
-            "--config/--set, or pass --build-missing-cache")
-    run = fresh[0]
-    return CacheRef(run.info.run_id, teacher.run_id, run.data.tags[f"{T}cache_key"])
+
+def pinned_cache(cfg: Config, teacher: Teacher, train: IndexedDataset, digest: str, device: torch.device,
+                 cache_run_id: str) -> CacheRef:
+    """The cache run named for `teacher`, refused unless it is a whole cache with the key cfg.cache gives these rows
+    of that teacher."""
+    key = cache_logits.plan_for(cfg, teacher, train, device, digest).key
+    run = tracking.get_run(cache_run_id)
+    problem = cache_logits.store_problem(run, {"cache_key": key, "teacher_run_id": teacher.run_id})
+    if problem:
+        raise CacheError(f"cannot read cache run {cache_run_id}: {problem}",
+                         f"build the right one with: kdtrack cache-logits --teacher-run-id {teacher.run_id}")
+    return CacheRef(cache_run_id, teacher.run_id, key)
 
 
 def _feature_kd(cfg: Config, teachers: list[Teacher], student: torch.nn.Module, train: IndexedDataset,
@@ -133,10 +153,16 @@ def _prepare_paraphraser(cfg: Config, teacher: Teacher, method: torch.nn.Module,
     layer, para = method.teacher_layers[0], method.paraphraser
     key = hashlib.sha256(json.dumps([teacher.checkpoint_sha256, layer, para.rate, cfg.kd.paraphraser_epochs,
                                      digest, cfg.seed]).encode()).hexdigest()[:16]
-    artifact = f"paraphrasers/{key}.pt"
-    if artifact in tracking.list_artifacts(teacher.run_id, "paraphrasers"):
-        payload = checkpoint.load(tracking.artifact_path(teacher.run_id, artifact), required=("state_dict",),
-                                  verify=False)
+    artifact, hash_tag = f"paraphrasers/{key}.pt", f"{T}paraphraser_sha256.{key}"
+    recorded = tracking.get_run(teacher.run_id).data.tags.get(hash_tag)
+    if recorded and artifact in tracking.list_artifacts(teacher.run_id, "paraphrasers"):
+        path = tracking.artifact_path(teacher.run_id, artifact)
+        actual = checkpoint.file_sha256(path)
+        if actual != recorded:
+            raise CheckpointError(f"paraphraser {key} of teacher run {teacher.run_id} has sha256 {actual[:12]} but the "
+                                  f"run recorded {recorded[:12]} when it stored it",
+                                  f"the file was replaced; delete {artifact} from the teacher run to train it anew")
+        payload = checkpoint.load(path, required=("state_dict",), verify=False)
         para.load_state_dict(payload["state_dict"])
         return f"reused {key}"
     loader = make_loader(train.with_normalisation(teacher.normalisation), cfg.data.batch_size, shuffle=True,
@@ -147,7 +173,9 @@ def _prepare_paraphraser(cfg: Config, teacher: Teacher, method: torch.nn.Module,
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{key}.pt"
         torch.save({"state_dict": para.state_dict(), "layer": layer, "rate": para.rate, "losses": losses}, path)
-        tracking.StageRun.of(teacher.run_id).log_artifact(path, "paraphrasers")
+        owner = tracking.StageRun.of(teacher.run_id)
+        owner.set_tags({hash_tag: checkpoint.file_sha256(path)})  # recorded first: a file without it is not reused
+        owner.log_artifact(path, "paraphrasers")
     return f"trained {key}"
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kdtrack import config, tracking
+from kdtrack import claims, config, tracking
 from kdtrack.config import Config
 from kdtrack.errors import BadInput
 from kdtrack.stages import cache_logits, train_student, train_teacher
@@ -46,12 +46,11 @@ def run(cfg: Config, students: list[str], *, force: str | None = None) -> str:
         teacher, cache = teacher_and_cache(cfg, version, forced)
         steps = [teacher, cache]
         for method in students:
-            student_cfg = student_config(cfg, method)
-            steps.append(run_step(f"student-{method}", student_cfg, STUDENT_KEYS,
-                                  [teacher.run_id, cache.run_id], version, "students" in forced,
-                                  lambda c=student_cfg: train_student.run(c, [teacher.run_id])))
+            steps.append(student_step(f"student-{method}", student_config(cfg, method), teacher, cache, version,
+                                      "students" in forced))
+        read = sorted({c for s in steps[2:] for c in _tag_ids(s.run_id, "cache_run_ids")})
         parent.set_tags({f"{T}steps": json.dumps({s.name: [s.run_id, s.reused] for s in steps}),
-                         f"{T}teacher_run_ids": teacher.run_id, f"{T}cache_run_ids": cache.run_id})
+                         f"{T}teacher_run_ids": teacher.run_id, f"{T}cache_run_ids": ",".join(read) or cache.run_id})
         table = summary(steps)
         parent.client.log_text(parent.run_id, table + "\n", "summary.txt")
         print(table)
@@ -61,10 +60,24 @@ def run(cfg: Config, students: list[str], *, force: str | None = None) -> str:
 def teacher_and_cache(cfg: Config, version: str, forced: set[str] = frozenset()) -> tuple[Step, Step]:
     """The teacher step and its cache step, each reused when finished unless its name is in `forced`."""
     teacher = run_step("teacher", cfg, TEACHER_KEYS, [], version, "teacher" in forced,
-                       lambda: train_teacher.run(cfg))
+                       lambda: train_teacher.run(cfg),
+                       resume=lambda rid: train_teacher.run(_own_config(rid), resume_run_id=rid))
     cache = run_step("cache", cfg, CACHE_KEYS, [teacher.run_id], version, "cache" in forced,
-                     lambda: cache_logits.run(cfg, teacher.run_id, force="cache" in forced))
+                     lambda: cache_logits.run(cfg, teacher.run_id, force="cache" in forced),
+                     valid=cache_logits.store_problem)
     return teacher, cache
+
+
+def student_step(name: str, cfg: Config, teacher: Step, cache: Step, version: str, force: bool) -> Step:
+    """One student of the teacher and cache steps: a cached-KD student reads exactly that cache; a baseline (method
+    none) depends on neither, so its step is shared by every teacher."""
+    baseline = cfg.method == "none"
+    teachers = [] if baseline else [teacher.run_id]
+    caches = [cache.run_id] if cfg.method == "kd" and cfg.teacher_mode == "cached" else []
+    return run_step(name, cfg, STUDENT_KEYS, [] if baseline else [teacher.run_id, cache.run_id], version, force,
+                    lambda: train_student.run(cfg, teachers, cache_run_ids=caches),
+                    resume=lambda rid: train_student.run(_own_config(rid), teachers, resume_run_id=rid,
+                                                         cache_run_ids=caches))
 
 
 def student_config(cfg: Config, method: str) -> Config:
@@ -74,16 +87,40 @@ def student_config(cfg: Config, method: str) -> Config:
 
 
 def run_step(name: str, cfg: Config, keys: tuple[str, ...], upstream: list[str], version: str, force: bool,
-             launch: Callable[[], str]) -> Step:
-    """Reuse the newest FINISHED run with this step key, else launch the step and tag its run with the key."""
-    key = step_key(name.split("-")[0], cfg, keys, upstream, version)
-    if not force:
-        for done in tracking.find_runs({f"{T}step_key": key}):
-            print(f"{name}: reusing run {done.info.run_id}", file=sys.stderr)
-            return Step(name, done.info.run_id, True)
-    run_id = launch()
-    tracking.StageRun.of(run_id).set_tags({f"{T}step_key": key})
-    return Step(name, run_id, False)
+             launch: Callable[[], str], *, resume: Callable[[str], str] | None = None,
+             valid: Callable[[Any], str | None] | None = None) -> Step:
+    """Reuse the newest FINISHED run with this step key (that `valid` finds no problem with), else resume the newest
+    KILLED one from its last checkpoint (`resume`), else launch the step. Equal step keys are claimed like cache
+    builds, so two equal pipelines or sweeps at once do each step once: the second waits, then reuses."""
+    entry = name.split("-")[0]
+    key = step_key(entry, cfg, keys, upstream, version)
+    with claims.claim(tracking.download_dir() / "claims", f"step-{key}", f"running step {name} ({key[:12]})"):
+        if not force:
+            for done in tracking.find_runs({f"{T}step_key": key}):
+                problem = valid(done) if valid else None
+                if problem is None:
+                    print(f"{name}: reusing run {done.info.run_id}", file=sys.stderr)
+                    return Step(name, done.info.run_id, True)
+                print(f"{name}: not reusing run {done.info.run_id}: {problem}", file=sys.stderr)
+            for stopped in tracking.find_runs({f"{T}step_key": key}, statuses=("KILLED",)) if resume else []:
+                if "checkpoints/last.pt" in tracking.list_artifacts(stopped.info.run_id, "checkpoints"):
+                    print(f"{name}: resuming interrupted run {stopped.info.run_id}", file=sys.stderr)
+                    return Step(name, resume(stopped.info.run_id), False)
+        with tracking.tagging(STAGE_OF_ENTRY[entry], {f"{T}step_key": key}):  # from the run's first write on
+            run_id = launch()
+        tracking.StageRun.of(run_id).set_tags({f"{T}step_key": key})  # also a reused cache run, found by its key
+        return Step(name, run_id, False)
+
+
+STAGE_OF_ENTRY = {"teacher": train_teacher.STAGE, "cache": cache_logits.STAGE, "student": train_student.STAGE}
+
+
+def _own_config(run_id: str) -> Config:
+    return tracking.load_run_config(run_id, Config)
+
+
+def _tag_ids(run_id: str, tag: str) -> list[str]:
+    return [r for r in tracking.get_run(run_id).data.tags.get(f"{T}{tag}", "").split(",") if r]
 
 
 def step_key(entry: str, cfg: Config, keys: tuple[str, ...], upstream: list[str], version: str) -> str:
@@ -101,15 +138,24 @@ def step_key(entry: str, cfg: Config, keys: tuple[str, ...], upstream: list[str]
 
 def summary(steps: list[Step]) -> str:
     """Teacher accuracy, each student's accuracy with and without KD, cache build time, epoch times, run ids."""
-    rows = [("step", "run", "reused", "test acc", "agreement", "epoch s", "build s")]
+    rows = [("step", "run", "reused", "test acc", "agreement", "epoch s", "build s", "read from")]
     for step in steps:
         run = tracking.get_run(step.run_id)
         m = run.data.metrics
         epoch = _mean_history(step.run_id, "epoch_seconds") if step.name != "cache" else None
         rows.append((run.info.run_name, step.run_id, "yes" if step.reused else "no", _fmt(m.get("test/acc")),
-                     _fmt(m.get("test/agreement")), _fmt(epoch, 3), _fmt(m.get("build/seconds"), 2)))
+                     _fmt(m.get("test/agreement")), _fmt(epoch, 3), _fmt(m.get("build/seconds"), 2),
+                     _read_from(run.data.tags)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def _read_from(tags: dict[str, str]) -> str:
+    """The runs a step's run read, from its own tags: caches for cached KD, else teachers; `labels` for a baseline."""
+    for tag, what in (("cache_run_ids", "cache"), ("teacher_run_id", "teacher"), ("teacher_run_ids", "teacher")):
+        if tags.get(f"{T}{tag}"):
+            return f"{what} {tags[f'{T}{tag}']}"
+    return "labels" if tags.get(f"{T}stage") == "student" else "-"
 
 
 def _mean_history(run_id: str, key: str) -> float | None:

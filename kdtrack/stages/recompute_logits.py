@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 
 from kdtrack import cache, tracking
 from kdtrack.config import Config
+from kdtrack.errors import BadInput, KdtrackError
 from kdtrack.stages import cache_logits
 from kdtrack.stages.cache_logits import ARTIFACT
 
@@ -35,6 +37,8 @@ def run(cfg: Config, expert_run_ids: list[str], splits: list[str], *, export_npz
         min_accuracy: float = 0.0) -> list[SplitCheck]:
     """For each expert and split (a split name, or a `<name>_indices.json` file) build or reuse a cache, check it,
     and export `<expert>/<split>_logits.npz` with logits, targets and predictions when `export_npz` is set."""
+    for expert in expert_run_ids if export_npz else ():  # a folder blocked by a file fails before any run starts
+        _export_dir(export_npz, expert)
     checks = []
     with tracking.stage_run("recompute", cfg, run_name=f"recompute-{len(expert_run_ids)}x{len(splits)}",
                             description=f"Logits of experts {', '.join(expert_run_ids)} on {', '.join(splits)}."):
@@ -72,13 +76,40 @@ def _check(expert: str, split: str, cache_run_id: str, export_npz: str | None, m
     if np.isfinite(accuracy) and accuracy < min_accuracy:
         problems.append(f"accuracy {accuracy:.4f} is below the minimum {min_accuracy:.4f}")
     if export_npz:
-        out = Path(export_npz) / expert / f"{split}_logits.npz"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out, logits=logits, targets=targets, predictions=predictions,
-                 sample_ids=np.array(store["sample_ids"][:].tolist()))
-        reread = np.load(out)
-        if not np.array_equal(reread["predictions"], reread["logits"].argmax(axis=1)):
-            problems.append("exported predictions do not match argmax of the exported logits")
+        out = _export_dir(export_npz, expert) / f"{split}_logits.npz"
+        _save_npz(out, logits=logits, targets=targets, predictions=predictions,
+                  sample_ids=np.array(store["sample_ids"][:].tolist()))
+        with np.load(out) as reread:
+            if not np.array_equal(reread["predictions"], reread["logits"].argmax(axis=1)):
+                problems.append("exported predictions do not match argmax of the exported logits")
     tracked = tracking.StageRun.of(cache_run_id)
     tracked.log_metrics({"recompute/accuracy": accuracy, "recompute/passed": float(not problems)}, step=0)
     return SplitCheck(expert, split, cache_run_id, len(logits), accuracy, problems)
+
+
+def _export_dir(root: str, expert: str) -> Path:
+    """`root/expert`, created; a path blocked by a file (or not writable) is one line naming it."""
+    folder = Path(root) / expert
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"cannot create export folder {folder} ({exc.strerror or type(exc).__name__})",
+                       "pass an --export-npz folder you can write to") from exc
+    return folder
+
+
+def _save_npz(out: Path, **arrays: np.ndarray) -> None:
+    """Written under a temporary name in the same folder, then renamed: a killed export leaves no truncated `out`."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # not mkstemp: the export keeps the umask's mode
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise KdtrackError(f"cannot write {out} ({exc.strerror or type(exc).__name__})",
+                               "free some space or pass another --export-npz folder") from exc
+        raise

@@ -12,8 +12,7 @@ import sys
 from kdtrack import config, tracking
 from kdtrack.config import Config
 from kdtrack.errors import BadInput, KdtrackError, TrainingError
-from kdtrack.stages import train_student
-from kdtrack.stages.pipeline import FEATURE_METHODS, STUDENT_KEYS, run_step, teacher_and_cache
+from kdtrack.stages.pipeline import FEATURE_METHODS, student_step, teacher_and_cache
 
 T = tracking.TAG
 # Papers differ on which accuracy they report, so both are kept: the last epoch's and the best epoch's.
@@ -34,6 +33,8 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
 def run(cfg: Config, grid: dict[str, list[str]], seeds: list[int], *, force_restart: bool = False) -> str:
     """Every combination of `grid` and `seeds` as a student run of the config's teacher and cache (both reused
     when finished); FINISHED combinations are skipped unless `force_restart`. Returns the parent run id."""
+    if not seeds:
+        raise BadInput("no seeds given", "pass at least one seed, e.g. --seeds 0")
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
     configs = [(combo, seed, _combo_config(cfg, combo, seed)) for combo in combos for seed in seeds]
     version = tracking.code_version()
@@ -44,9 +45,8 @@ def run(cfg: Config, grid: dict[str, list[str]], seeds: list[int], *, force_rest
         for combo, seed, student_cfg in configs:
             name = ", ".join(f"{k}={v}" for k, v in combo.items()) or "default"
             try:
-                step = run_step(f"student-{name}-seed{seed}", student_cfg, STUDENT_KEYS,
-                                [teacher.run_id, cache.run_id], version, force_restart,
-                                lambda c=student_cfg: train_student.run(c, [teacher.run_id]))
+                step = student_step(f"student-{name}-seed{seed}", student_cfg, teacher, cache, version,
+                                    force_restart)
             except KdtrackError as exc:  # one bad combination must not stop the others
                 print(f"sweep: {name} seed {seed} failed: {exc}", file=sys.stderr)
                 failed.append(f"{name} seed {seed}")

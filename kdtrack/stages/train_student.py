@@ -15,7 +15,7 @@ from kdtrack.errors import BadInput
 from kdtrack.losses.kd import kd_loss
 from kdtrack.models import build_model, spec_from_config
 from kdtrack.stages.distillation import Distillation, build_distillation
-from kdtrack.stages.training import Saver, progress_enabled, split_loaders
+from kdtrack.stages.training import Saver, fetch_checkpoints, progress_enabled, split_loaders
 from kdtrack.teachers import Teacher, check_fits, load_teacher
 
 STAGE = "student"
@@ -23,8 +23,9 @@ T = tracking.TAG
 
 
 def run(cfg: Config, teacher_run_ids: list[str] = (), *, build_missing_cache: bool = False,
-        resume_run_id: str | None = None) -> str:
+        resume_run_id: str | None = None, cache_run_ids: list[str] = ()) -> str:
     """Train `cfg.student.model` by `cfg.method` from the teachers (none: plain CE); return the student run id.
+    `cache_run_ids` (one per teacher) pins the caches to read; by default the newest matching ones are found.
 
     Under torchrun the student trains with DDP: each rank takes its share of every batch and holds its own
     LogitTable; rank 0 owns the run, logs, checkpoints and tests, and alone returns the run id (others: "")."""
@@ -32,12 +33,16 @@ def run(cfg: Config, teacher_run_ids: list[str] = (), *, build_missing_cache: bo
     device = distributed.device_for(engine.resolve_device(cfg.device))
     if cfg.method != "none" and not teacher_run_ids:
         raise BadInput(f"method {cfg.method} needs a teacher", "pass --teacher-run-id, or --set method=none")
+    if cfg.method == "none" and teacher_run_ids:
+        # A baseline is a function of its own config and data: a teacher named beside it changes nothing.
+        print(f"note: method none uses no teacher; ignoring {', '.join(teacher_run_ids)}", file=sys.stderr)
+        teacher_run_ids, cache_run_ids = [], []
     with distributed.process_group(device):
-        return _train(cfg, list(teacher_run_ids), device, build_missing_cache, resume_run_id)
+        return _train(cfg, list(teacher_run_ids), device, build_missing_cache, resume_run_id, list(cache_run_ids))
 
 
 def _train(cfg: Config, teacher_run_ids: list[str], device: torch.device, build_missing_cache: bool,
-           resume_run_id: str | None) -> str:
+           resume_run_id: str | None, cache_run_ids: list[str]) -> str:
     teachers = [load_teacher(t, device, cfg.cache.checkpoint) for t in teacher_run_ids]
     data = student_dataset(cfg.data)
     for teacher in teachers:
@@ -48,20 +53,26 @@ def _train(cfg: Config, teacher_run_ids: list[str], device: torch.device, build_
     splits = {"train": train, **{s: data.select([s]) for s in ("val", "test") if s in data.split_counts()}}
     splits = {name: ds.with_normalisation(norm) for name, ds in splits.items()}
     loaders = split_loaders(cfg, splits, device, shard=(distributed.rank(), distributed.world_size()))
-    spec = spec_from_config(cfg.student.model, data.num_classes, data.input_shape)
+    spec = spec_from_config(cfg.student.model, data.num_classes, data.input_shape, prefix="student.model")
     model = build_model(spec).to(device)
     digest = dataset_digest(train)
-    distill = build_distillation(cfg, teachers, model, train, digest, device, build_missing_cache=build_missing_cache)
+    distill = build_distillation(cfg, teachers, model, train, digest, device, build_missing_cache=build_missing_cache,
+                                 cache_run_ids=cache_run_ids)
     params = [*model.parameters(), *(p for m in distill.modules.values() for p in m.parameters() if p.requires_grad)]
-    optimizer = engine.build_optimizer(params, cfg.student.optim)
-    scheduler = engine.build_scheduler(optimizer, cfg.student.optim)
+    optimizer = engine.build_optimizer(params, cfg.student.optim, prefix="student.optim")
+    scheduler = engine.build_scheduler(optimizer, cfg.student.optim, prefix="student.optim")
     amp = engine.amp_dtype(cfg.train.amp, device)
     scaler = engine.make_scaler(amp, device)
     lead = distributed.rank() == 0
+    expect = {f"{T}dataset_digest": digest, f"{T}teacher_run_ids": ",".join(teacher_run_ids),
+              **{k: v for k, v in distill.tags.items() if k == f"{T}cache_run_ids"}}
     tracked_run = (tracking.stage_run(STAGE, cfg, run_name=run_name(cfg), resume_run_id=resume_run_id,
-                                      description=_describe(cfg, spec.name, teachers, train))
+                                      description=_describe(cfg, spec.name, teachers, train), expect=expect)
                    if lead else contextlib.nullcontext())
-    with tracked_run as tracked, tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        if resume_run_id and lead:
+            fetch_checkpoints(resume_run_id, Path(tmp))  # checked before the run is written to
+        tracked = stack.enter_context(tracked_run)
         if lead:
             _log_inputs(tracked, cfg, teacher_run_ids, digest, spec.name, train, distill, resumed=bool(resume_run_id))
         saver = Saver(tracked, Path(tmp), model=model, spec=spec.to_dict(), norm=norm.to_dict(), optimizer=optimizer,

@@ -1,6 +1,7 @@
 """Train a teacher; its run holds the artifacts `checkpoints/best.pt` and `checkpoints/last.pt`."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -11,7 +12,7 @@ from kdtrack import config, engine, tracking
 from kdtrack.config import Config
 from kdtrack.data import IndexedDataset, build_dataset, dataset_digest, fit_normalisation
 from kdtrack.models import build_model, spec_from_config
-from kdtrack.stages.training import Saver, progress_enabled, split_loaders
+from kdtrack.stages.training import Saver, fetch_checkpoints, progress_enabled, split_loaders
 
 STAGE = "teacher"
 
@@ -24,7 +25,7 @@ def run(cfg: Config, resume_run_id: str | None = None) -> str:
     digest = dataset_digest(full)
     norm = fit_normalisation(full.select(["train"]))
     splits = {s: full.select([s]).with_normalisation(norm) for s in ("train", "val", "test") if s in full.split_counts()}
-    spec = spec_from_config(cfg.model, full.num_classes, full.input_shape)
+    spec = spec_from_config(cfg.model, full.num_classes, full.input_shape, prefix="model")
     model = build_model(spec).to(device)
     optimizer = engine.build_optimizer(model.parameters(), cfg.optim)
     scheduler = engine.build_scheduler(optimizer, cfg.optim)
@@ -34,8 +35,12 @@ def run(cfg: Config, resume_run_id: str | None = None) -> str:
     description = (f"Teacher {spec.name} on {full.source} ({len(splits['train'])} train samples, "
                    f"dataset {digest[:12]}), {cfg.optim.epochs} epochs.")
     run_name = f"teacher-{spec.name}-{full.source}"
-    with tracking.stage_run(STAGE, cfg, run_name=run_name, description=description,
-                            resume_run_id=resume_run_id) as tracked, tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        if resume_run_id:
+            fetch_checkpoints(resume_run_id, Path(tmp))  # checked before the run is written to
+        tracked = stack.enter_context(tracking.stage_run(
+            STAGE, cfg, run_name=run_name, description=description, resume_run_id=resume_run_id,
+            expect={f"{tracking.TAG}dataset_digest": digest}))
         tracked.set_tags({f"{tracking.TAG}dataset_digest": digest, f"{tracking.TAG}model": spec.name,
                           f"{tracking.TAG}data_source": full.source})
         if not resume_run_id:

@@ -13,6 +13,7 @@ from kdtrack import checkpoint, tracking
 from kdtrack.config import Config
 from kdtrack.data import IndexedDataset, make_loader
 from kdtrack.errors import CheckpointError, ConfigError
+from kdtrack.teachers import HASH_TAGS, check_recorded_hash
 
 
 def split_loaders(cfg: Config, splits: dict[str, IndexedDataset], device: torch.device,
@@ -39,6 +40,21 @@ def progress_enabled(mode: str) -> bool:
     return sys.stderr.isatty() if mode == "auto" else mode == "on"
 
 
+def fetch_checkpoints(run_id: str, workdir: Path) -> dict[str, str]:
+    """Download `last.pt` and `best.pt` of run `run_id` into `workdir`, refusing either unless its weights hash is
+    the one the run recorded writing it (or, after a crash between recording and uploading, the one before). Returns
+    hash tag -> the hash of the file. Called before a resumed run is written to, and again by `Saver.resume`."""
+    run = tracking.get_run(run_id)
+    recorded = {}
+    for name, tag in HASH_TAGS.items():
+        local = tracking.download_artifact(run_id, f"checkpoints/{name}.pt", workdir / "download")
+        local.replace(workdir / f"{name}.pt")
+        weights = checkpoint.load(workdir / f"{name}.pt")["weights_sha256"]
+        check_recorded_hash(run, name, weights, also=(run.data.tags.get(f"{tag}_prev", ""),))
+        recorded[tag] = weights
+    return recorded
+
+
 @dataclass
 class Saver:
     """Epoch-end callback: log metrics, write `last.pt` every epoch and `best.pt` when val accuracy improves.
@@ -61,6 +77,7 @@ class Saver:
     best_acc: float = -math.inf
     best_epoch: int = -1
     logged_through: int = -1  # last epoch whose metrics the run already holds (a resumed run may repeat one)
+    recorded: dict[str, str] = field(default_factory=dict)  # hash tag -> the hash of the file now on the run
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         for source in self.metric_sources:
@@ -77,20 +94,25 @@ class Saver:
             extra={"best_val_acc": self.best_acc, "best_epoch": self.best_epoch,
                    "modules": {name: m.state_dict() for name, m in self.modules.items()}},
         )
-        names = ["last.pt", "best.pt"] if improved else ["last.pt"]
+        names = ["last", "best"] if improved else ["last"]
+        # The hash is recorded before the file goes up, keeping the one it replaces as `_prev`: after a crash in
+        # between, the file on the run is one of the two, and a resume can tell it from a foreign file.
+        tags = {}
         for name in names:
-            checkpoint.save(self.workdir / name, payload)
-            self.tracked.log_artifact(self.workdir / name, "checkpoints")
-        tags = {f"{tracking.TAG}checkpoint_sha256_last": payload["weights_sha256"]}
-        if improved:
-            tags[f"{tracking.TAG}checkpoint_sha256"] = payload["weights_sha256"]
+            tag = HASH_TAGS[name]
+            tags[f"{tag}_prev"] = self.recorded.get(tag, "")
+            tags[tag] = self.recorded[tag] = payload["weights_sha256"]
         self.tracked.set_tags(tags)
+        for name in names:
+            checkpoint.save(self.workdir / f"{name}.pt", payload)
+            self.tracked.log_artifact(self.workdir / f"{name}.pt", "checkpoints")
 
     def resume(self, run_id: str) -> int:
-        """Restore model, modules, optimizer, scheduler and scaler from the run's `last.pt`; return the next epoch."""
-        for name in ("last.pt", "best.pt"):
-            local = tracking.download_artifact(run_id, f"checkpoints/{name}", self.workdir / "download")
-            local.replace(self.workdir / name)
+        """Restore model, modules, optimizer, scheduler and scaler from the run's `last.pt`; return the next epoch.
+        Both checkpoints must be the ones the run recorded writing."""
+        self.recorded = fetch_checkpoints(run_id, self.workdir)
+        if self.tracked is not None:  # after a crash between a hash and its upload, the tag names the file again
+            self.tracked.set_tags(self.recorded)
         payload = checkpoint.load(self.workdir / "last.pt")
         if payload["spec"] != self.spec:
             raise CheckpointError(f"run {run_id}'s last.pt holds model {payload['spec']['name']}, "
