@@ -86,6 +86,22 @@ def select(selection: Selection) -> list[Any]:
     return runs
 
 
+def finished(runs: list[Any], unfinished: str) -> list[Any]:
+    """The FINISHED runs, saying on stderr how many others were left out; with `mark`, every run (each one that is
+    not FINISHED is named with its status in the plots). Orphans were marked KILLED when they were selected."""
+    others = [run for run in runs if run.info.status != "FINISHED"]
+    if unfinished == "mark" or not others:
+        return runs
+    statuses = ", ".join(sorted({run.info.status for run in others}))
+    kept = [run for run in runs if run.info.status == "FINISHED"]
+    if not kept:
+        raise BadInput(f"none of the {len(runs)} selected runs is FINISHED ({statuses})",
+                       "pass --unfinished mark to draw them with their status")
+    click.echo(f"note: left out {len(others)} run(s) that are not FINISHED ({statuses}); "
+               "--unfinished mark draws them with their status", err=True)
+    return kept
+
+
 def build_figures(runs: list[Any], metrics: list[str]) -> dict[str, Figure]:
     """File stem -> figure: the named metrics only, or every standard plot the runs have metrics for."""
     logged = {key for run in runs for key in run.data.metrics}
@@ -133,10 +149,16 @@ def _histories(runs: list[Any], keys: list[str]) -> list[RunHistory]:
     wanted = {run.info.run_id: [k for k in keys if k in run.data.metrics] for run in runs}
     read = {run_id: {key: [(step, _unclamp(value)) for step, value in history] for key, history in metrics.items()}
             for run_id, metrics in tracking.metric_histories(wanted).items()}
-    return [RunHistory(run_id=run.info.run_id, name=run.info.run_name or "", metrics=read[run.info.run_id],
+    return [RunHistory(run_id=run.info.run_id, name=_name(run), metrics=read[run.info.run_id],
                        stage=run.data.tags.get("kdtrack.stage", ""), method=run.data.tags.get("kdtrack.method", ""),
                        tags=dict(run.data.tags), params=dict(run.data.params))
             for run in runs]
+
+
+def _name(run: Any) -> str:
+    """The run's name, with its status when it is not FINISHED: a killed run must not look like a result."""
+    name = run.info.run_name or ""
+    return name if run.info.status == "FINISHED" else f"{name} [{run.info.status}]"
 
 
 def _unclamp(value: float) -> float:
@@ -166,15 +188,17 @@ def save(figures: dict[str, Figure], out: Path, svg: bool) -> list[Path]:
 @click.option("--svg", is_flag=False, flag_value=True, default=False, type=click.BOOL,
               help="Also write SVG: --svg, or --svg true|false (MLproject).")
 @click.option("--log-to-run", default="", metavar="RUN_ID", help=f"Log the files under {ARTIFACT_DIR}/ of this run.")
+@click.option("--unfinished", type=click.Choice(["leave-out", "mark"]), default="leave-out", show_default=True,
+              help="Runs that are not FINISHED (RUNNING, KILLED, FAILED): left out, or drawn with their status.")
 @expected_errors
 def plot(experiment: str, tags: tuple[str, ...], stage: str, run_ids: tuple[str, ...], metrics: tuple[str, ...],
-         out: str, svg: bool, log_to_run: str) -> None:
+         out: str, svg: bool, log_to_run: str, unfinished: str) -> None:
     """Plot logged metrics of the selected runs into PNG files; prints the paths written."""
     from kdtrack import tracking
 
     if log_to_run:
         select(Selection(run_ids=(log_to_run,)))  # fail before drawing when the target run is wrong
-    runs = select(Selection(experiment, _tags(tags), stage, tuple(_split(run_ids))))
+    runs = finished(select(Selection(experiment, _tags(tags), stage, tuple(_split(run_ids)))), unfinished)
     paths = save(build_figures(runs, _split(metrics, ",")), Path(out), svg)
     for path in paths:
         click.echo(str(path))

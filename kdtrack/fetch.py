@@ -19,15 +19,20 @@ def fetch(run_id: str, out: str | Path) -> list[Path]:
     if stage not in REUSABLE:
         raise BadInput(f"run {run_id} ({run.info.run_name}) is a {stage or 'non-kdtrack'} run with nothing to fetch",
                        f"fetch a {', '.join(REUSABLE)} run")
-    target = Path(out) / run_id
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInput(f"cannot create output folder {target} ({exc.strerror or type(exc).__name__})",
-                       "pass an --out folder you can write to") from exc
+    target = output_folder(Path(out) / run_id, "--out")
     paths = [tracking.download_artifact(run_id, name, target) for name in REUSABLE[stage]]
     _check_content(run, paths)
     return paths
+
+
+def output_folder(folder: Path, option: str) -> Path:
+    """`folder`, created; a path blocked by a file (or not writable) is one line naming it and the option."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"cannot create output folder {folder} ({exc.strerror or type(exc).__name__})",
+                       f"pass an {option} folder you can write to") from exc
+    return folder
 
 
 def _check_content(run, paths: list[Path]) -> None:

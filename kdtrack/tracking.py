@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import sqlalchemy.exc
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric, Param, RunTag
@@ -23,7 +25,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.tracking import MlflowClient
 
-from kdtrack import __version__, claims, config, owners
+from kdtrack import __version__, claims, config, owners, store_health
 from kdtrack.errors import BadInput, RunDeleted, RunFinished, RunNotFound, TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -51,7 +53,7 @@ def configure() -> MlflowClient:
         for key, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
     elif uri.startswith("sqlite:") and (uri, os.getcwd()) not in _checked_stores:
-        _check_sqlite_store(uri)  # once per store and folder in a process: configure() is called for every read
+        store_health.check_sqlite_store(uri)  # once per store and folder in a process: configure() is called for every read
         _checked_stores.add((uri, os.getcwd()))
     _quiet_store_logs()
     mlflow.set_tracking_uri(uri)
@@ -496,103 +498,16 @@ def _by_step(history: list[Metric]) -> list[tuple[int, float]]:
 
 
 
-# --- tracking store failures as one line ------------------------------------------------------------------------
-
-_SQLITE_BUSY_S = 20.0  # how long to wait for another process's write lock: MLflow's own sqlite busy_timeout
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-_LOCKED = ("database is locked", "database is busy", "database table is locked")
-_CORRUPT = ("file is not a database", "database disk image is malformed", "file is encrypted or is not a database")
-
+# --- tracking store failures as one line (the checks that need no mlflow are in store_health.py) -----------------
 
 def store_error(exc: BaseException, otherwise: TrackingError | None = None) -> TrackingError:
-    """A failure of the tracking store as one line: locked by another process (retry), corrupt (restore it), or
-    else `otherwise` (default: the store is not usable). For errors raised by MLflow, SQLAlchemy or sqlite3."""
-    uri, text = tracking_uri(), _chain_text(exc)
-    if any(m in text for m in _LOCKED):
-        return TrackingError(f"tracking store {uri} is locked by another process (database is locked)",
-                             "retry once the other process has finished writing to it")
-    if any(m in text for m in _CORRUPT):
-        cause = next(m for m in _CORRUPT if m in text)
-        return TrackingError(f"tracking store {uri} is corrupt or truncated ({cause})",
-                             "restore it from a backup, or point MLFLOW_TRACKING_URI at another store")
-    return otherwise or TrackingError(f"tracking store {uri} is not usable: {_first_line(exc)}",
-                                      "start the server or fix MLFLOW_TRACKING_URI")
+    """A failure of this process's tracking store as one line (see store_health.store_error)."""
+    return store_health.store_error(exc, tracking_uri(), otherwise)
 
 
 def _is_store_failure(exc: BaseException) -> bool:
     """Raised by MLflow or by the database layer under it (SQLAlchemy, sqlite3), not by a bug of ours."""
-    import sqlite3
-
-    import sqlalchemy.exc
-
     return isinstance(exc, (MlflowException, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error))
-
-
-def _chain_text(exc: BaseException) -> str:
-    """The messages of `exc` and of the exceptions it was raised from, lower-cased."""
-    parts, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        parts.append(str(exc))
-        exc = exc.__cause__ or exc.__context__
-    return " ".join(parts).lower()
-
-
-def _check_sqlite_store(uri: str) -> None:
-    """Refuse in one line what MLflow would meet with a traceback: `./mlruns` (its default artifact root) a
-    file, the database file not a database or cut short, or locked by another process."""
-    import sqlite3
-
-    mlruns = Path("mlruns")
-    if mlruns.exists() and not mlruns.is_dir():
-        raise TrackingError(f"{mlruns.resolve()} is a file, but the tracking store {uri} keeps its artifacts in "
-                            f"a folder of that name", "move the file away, or run kdtrack from another folder")
-    path = _sqlite_path(uri)
-    if path is None or not path.exists():
-        return  # MLflow creates it
-    problem = _sqlite_file_problem(path)
-    if problem:
-        raise TrackingError(f"tracking store {uri} is unusable: {path.resolve()} {problem}",
-                            "restore it from a backup, or point MLFLOW_TRACKING_URI at another store")
-    try:
-        with contextlib.closing(sqlite3.connect(path, timeout=_SQLITE_BUSY_S)) as db:
-            db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # waits out another writer's lock, or fails
-    except sqlite3.Error as exc:
-        raise store_error(exc) from exc
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    """The database file of a sqlite URI (relative to the working directory), None for an in-memory one."""
-    from sqlalchemy.engine import make_url
-
-    database = make_url(uri).database
-    return Path(database) if database and database != ":memory:" else None
-
-
-def _sqlite_file_problem(path: Path) -> str | None:
-    """What is wrong with the file by its header: not SQLite, or shorter than the page count it records."""
-    if path.is_dir():
-        return "is a folder, not a database file"
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            header = f.read(100)
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror or type(exc).__name__})"
-    if size == 0:
-        return None  # an empty file is an empty database: MLflow creates the tables
-    if not header.startswith(_SQLITE_MAGIC):
-        return "is corrupt: not an SQLite database"
-    if len(header) < 100:
-        return f"is truncated: {size} bytes"
-    page_size = int.from_bytes(header[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
-    pages = int.from_bytes(header[28:32], "big")
-    # The page count is valid when the change counter matches its copy; with a WAL file pages may live there.
-    counted = header[24:28] == header[92:96] and not path.with_name(f"{path.name}-wal").exists()
-    if counted and size < pages * page_size:
-        return f"is truncated: {size} of {pages * page_size} bytes"
-    return None
 
 
 def _quiet_store_logs() -> None:

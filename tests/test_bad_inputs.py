@@ -18,7 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import DIGITS, TINY_TEACHER, cli, free_port, set_args, subprocess_env
-from kdtrack import checkpoint, config, tracking
+from kdtrack import checkpoint, config, store_health, tracking
 from kdtrack.errors import TrackingError
 from kdtrack.stages import recompute_logits, train_teacher
 
@@ -137,10 +137,10 @@ def _lock_store(c: Ctx) -> Undo:
     """Another writer holds the session store's exclusive lock (kdtrack waits 0.2 s for it, not 20 s)."""
     db = sqlite3.connect(_store_db(), isolation_level=None, timeout=5)
     db.execute("BEGIN EXCLUSIVE")
-    busy, tracking._SQLITE_BUSY_S = tracking._SQLITE_BUSY_S, 0.2
+    busy, store_health.SQLITE_BUSY_S = store_health.SQLITE_BUSY_S, 0.2
 
     def undo() -> None:
-        tracking._SQLITE_BUSY_S = busy
+        store_health.SQLITE_BUSY_S = busy
         db.execute("ROLLBACK")
         db.close()
 
@@ -327,10 +327,10 @@ CASES = [
     # output
     _case("fetch-out-under-a-file", 2, "cannot create output folder",
           lambda c: ["fetch", "--run-id", c.teacher, "--out", _file(c, "a-file", "") + "/models"]),
-    _case("export-npz-under-a-file", 2, "cannot create export folder",  # (--export-npz a file: click refuses it)
+    _case("export-npz-under-a-file", 2, "cannot create output folder",  # (--export-npz a file: click refuses it)
           lambda c: ["recompute-logits", "--config", str(DIGITS), "--teacher-run-id", c.teacher, "--splits", "val",
                      "--export-npz", _file(c, "export-file", "") + "/npz"]),
-    _case("export-npz-expert-is-a-file", 2, "cannot create export folder",
+    _case("export-npz-expert-is-a-file", 2, "cannot create output folder",
           lambda c: ["recompute-logits", "--config", str(DIGITS), "--teacher-run-id", c.teacher, "--splits", "val",
                      "--export-npz", _blocked_expert(c)]),
     # the tracking store

@@ -209,7 +209,7 @@ def test_a_student_reads_only_a_cache_of_its_own_dtype(store: str):
 
 
 def test_pipeline_records_the_caches_its_students_read(store: str):
-    sets = set_args(*TINY_TEACHER, *STUDENT, "experiment=boundaries-pipeline")
+    sets = set_args(*TINY_TEACHER, *STUDENT, "model.hidden=[40]", "experiment=boundaries-pipeline")  # its own steps
     code, out, err = cli("pipeline", "--config", str(DIGITS), "--students", "kd,none", *sets)
     assert code == 0, err
     first = json.loads(MlflowClient().get_run(out.strip().splitlines()[-1]).data.tags["kdtrack.steps"])

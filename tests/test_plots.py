@@ -13,7 +13,7 @@ import pytest
 from matplotlib.container import BarContainer
 from mlflow.tracking import MlflowClient
 
-from conftest import DIGITS, REPO, TINY_TEACHER, subprocess_env
+from conftest import DIGITS, REPO, TINY_TEACHER, interrupted_after_epoch, subprocess_env
 from kdtrack import config, plots
 from kdtrack.plots import RunHistory
 from kdtrack.stages import cache_logits, train_student, train_teacher
@@ -264,3 +264,21 @@ def test_pure_plots_leave_out_and_mark_non_finite_values():
     loss = plots.learning_curves([nan_time, KD]).axes[0]
     assert [list(line.get_ydata()) for line in loss.lines] == [[1.0, 0.5]]
     assert loss.get_title() == "train/loss (1 NaN/Inf value not drawn)"
+
+
+def test_unfinished_runs_are_left_out_or_marked(store: str, tmp_path: Path, capsys):
+    experiment = "plots-unfinished"
+    cfg = config.load(DIGITS, [*TINY_TEACHER, "optim.epochs=3", f"experiment={experiment}"])
+    done = train_teacher.run(cfg)
+    with interrupted_after_epoch(0), pytest.raises(KeyboardInterrupt):
+        train_teacher.run(cfg)
+    killed = next(r for r in script.select(script.Selection(experiment)) if r.info.run_id != done)
+    assert killed.info.status == "KILLED"
+
+    code, _out, err = _run(capsys, "--experiment", experiment, "--metric", "val/acc", "--out", str(tmp_path))
+    assert code == 0 and "note: left out 1 run(s) that are not FINISHED (KILLED)" in err, err
+    for mode, names in (("leave-out", ["teacher-mlp-digits"]),
+                        ("mark", ["teacher-mlp-digits", "teacher-mlp-digits [KILLED]"])):
+        runs = script.finished(script.select(script.Selection(experiment)), mode)
+        figure = script.build_figures(runs, ["val/acc"])["metrics"]
+        assert sorted(line.get_label() for line in figure.axes[0].get_lines()) == names, mode

@@ -10,8 +10,9 @@ import numpy as np
 
 from kdtrack import cache, tracking
 from kdtrack.config import Config
-from kdtrack.errors import BadInput, KdtrackError
+from kdtrack.errors import KdtrackError
 from kdtrack.stages import cache_logits
+from kdtrack.fetch import output_folder
 from kdtrack.stages.cache_logits import ARTIFACT
 
 T = tracking.TAG
@@ -88,14 +89,7 @@ def _check(expert: str, split: str, cache_run_id: str, export_npz: str | None, m
 
 
 def _export_dir(root: str, expert: str) -> Path:
-    """`root/expert`, created; a path blocked by a file (or not writable) is one line naming it."""
-    folder = Path(root) / expert
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInput(f"cannot create export folder {folder} ({exc.strerror or type(exc).__name__})",
-                       "pass an --export-npz folder you can write to") from exc
-    return folder
+    return output_folder(Path(root) / expert, "--export-npz")
 
 
 def _save_npz(out: Path, **arrays: np.ndarray) -> None:
