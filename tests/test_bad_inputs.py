@@ -138,6 +138,7 @@ def _lock_store(c: Ctx) -> Undo:
     db = sqlite3.connect(_store_db(), isolation_level=None, timeout=5)
     db.execute("BEGIN EXCLUSIVE")
     busy, store_health.SQLITE_BUSY_S = store_health.SQLITE_BUSY_S, 0.2
+    tracking._checked_stores.clear()  # as in a new process, which checks its store once before MLflow opens it
 
     def undo() -> None:
         store_health.SQLITE_BUSY_S = busy

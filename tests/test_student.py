@@ -145,6 +145,15 @@ def test_factor_transfer_paraphraser_is_trained_once_then_reused(store: str):
     tags = [MlflowClient().get_run(r[1].strip()).data.tags["kdtrack.paraphraser"] for r in (first, second)]
     assert tags[0].startswith("trained ") and tags[1] == "reused " + tags[0].split()[1]
     assert tracking.list_artifacts(teacher, "paraphrasers") == [f"paraphrasers/{tags[0].split()[1]}.pt"]
+    # Another paraphraser put in its place (a valid file, other weights) is refused, not used.
+    key = tags[0].split()[1]
+    path = tracking.local_artifact_dir(teacher) / "paraphrasers" / f"{key}.pt"
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"] = {k: v + 1 for k, v in payload["state_dict"].items()}
+    torch.save(payload, path)
+    code, _out, err = _student(teacher, *sets)
+    assert code == 1 and f"paraphraser {key} of teacher run {teacher} has sha256 " \
+        f"{checkpoint.file_sha256(path)[:12]} but the run recorded" in err, err
 
 
 def test_online_kd_and_multi_teacher_fusion(digits_teacher: str, digits_cache_run: str):
