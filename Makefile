@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test bench install clean server server-stop
+.PHONY: demo test test-fast bench mutate install clean server server-stop
 
 install: $(INSTALLED)
 
@@ -22,8 +22,20 @@ demo: $(INSTALLED)
 	@echo "Plots are in ./plots. Runs are in ./mlflow.db, artifacts in ./mlruns; compare them with:"
 	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db    (then open http://127.0.0.1:5000)"
 
+# Everything, the tests marked slow (servers, PostgreSQL, mlflow run, torchrun, forked faults) included; CI runs this.
 test: $(INSTALLED)
 	$(PY) -m pytest -q
+
+# Under a minute on 2 cores: the suite less the tests marked slow.
+test-fast: $(INSTALLED)
+	$(PY) -m pytest -q -m "not slow"
+
+# Mutation testing of the modules that carry the promises (setup.cfg [mutmut]); long: not part of CI. Writes the
+# survivors, with the verdicts of tests/mutation_verdicts.tsv, to tests/MUTATION.md.
+mutate: $(INSTALLED)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,mutate]'
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2
+	$(PY) scripts/mutation_report.py
 
 # CPU performance suite, a few minutes: writes benchmarks/results/<date>-<host>.json and prints the table.
 bench: $(INSTALLED)
@@ -37,4 +49,4 @@ server-stop:
 	scripts/server.sh stop
 
 clean:
-	rm -rf $(VENV) mlflow.db mlruns
+	rm -rf $(VENV) mlflow.db mlruns mutants

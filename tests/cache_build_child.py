@@ -1,11 +1,6 @@
-"""Tiny cache-building setup shared by the cache tests; run as a script it builds a store slowly (to be killed).
-
-    python tests/cache_build_child.py STORE_PATH
-"""
+"""Tiny cache-building setup shared by the cache tests (and, imported, by the fault children)."""
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -50,28 +45,9 @@ def tiny_attrs(ds: IndexedDataset, output_shape: tuple[int, ...] = (NUM_CLASSES,
             "cache_key": key, "splits": ["train"], "normalisation": norm, "model_spec": {"name": "linear"}}
 
 
-class SlowModel(nn.Module):
-    """Same outputs as `inner`, but every forward sleeps, so a build can be killed part-way."""
-
-    def __init__(self, inner: nn.Module, delay: float) -> None:
-        super().__init__()
-        self.inner, self.delay = inner, delay
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(self.delay)
-        return self.inner(x)
-
-
 def build_tiny_cache(path: str | Path, model: nn.Module | None = None) -> BuildStats:
     """Build (or resume) the cache of `model` (default `tiny_model()`) over `tiny_dataset()` at `path`, on the CPU."""
     ds = tiny_dataset()
     return build(path, tiny_model() if model is None else model, ds, attrs=tiny_attrs(ds),
                  device=torch.device("cpu"), batch_size=BATCH, chunk_rows=CHUNK_ROWS, progress=False)
 
-
-def main(path: str) -> None:
-    build_tiny_cache(path, SlowModel(tiny_model(), delay=0.03))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1])

@@ -409,6 +409,7 @@ def test_pickle_payload_never_runs(ctx: Ctx):
     _assert_one_line_error(err, f"checkpoint {best} was refused as unsafe")
 
 
+@pytest.mark.slow  # kdtrack processes, each waiting out its HTTP retries against a closed port
 @pytest.mark.parametrize("command", [["lineage", MISSING_RUN],
                                      ["train-student", "--set", "method=none", "--set", "student.optim.epochs=1"]],
                          ids=["lineage", "train-student"])
@@ -425,6 +426,7 @@ def test_unreachable_tracking_server_fails_fast(command: list[str], store: str):
     assert _running() == []
 
 
+@pytest.mark.slow  # the retry trains a teacher end to end (~1.5 s on 2 cores)
 def test_locked_store_starts_no_run_and_a_retry_works(ctx: Ctx):
     command = ["train-teacher", "--config", str(DIGITS), *set_args(*TINY_TEACHER, "experiment=locked-store")]
     undo = _lock_store(ctx)
@@ -457,6 +459,7 @@ def test_store_errors_met_during_a_run_are_named(store: str):
     assert tracking.store_error(MlflowException("RESOURCE_DOES_NOT_EXIST"), other) is other
 
 
+@pytest.mark.slow  # a kdtrack process (imports torch and mlflow)
 def test_corrupt_store_in_a_real_process_prints_one_line(ctx: Ctx):
     """Nothing else (e.g. MLflow logging a traceback) reaches stderr when the CLI runs as its own process."""
     folder = ctx.tmp / "corrupt-subprocess"

@@ -66,6 +66,7 @@ SERIES = {
 }
 
 
+@pytest.mark.slow  # runs each benchmark at tiny sizes (~4 s in all on 2 cores)
 @pytest.mark.parametrize("module", list(SERIES), ids=lambda m: m.NAME)
 def test_benchmark_returns_a_well_formed_result(tmp_path: Path, module) -> None:
     settings = tiny_settings(tmp_path)
@@ -130,6 +131,7 @@ def test_npy_baseline_reads_exactly_the_table_numbers(tmp_path: Path) -> None:
     assert (root / npy.index["synthetic/1234"]).read_bytes() == saved.getvalue()  # what np.save writes
 
 
+@pytest.mark.slow  # `python -m benchmarks --quick` as a process: every benchmark
 def test_quick_cli_writes_a_report(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--out", str(out),

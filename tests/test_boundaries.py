@@ -77,6 +77,7 @@ def test_a_stale_mlflow_run_id_is_never_adopted(chain: dict[str, str], monkeypat
     assert _snapshot(chain["teacher"]) == before
 
 
+@pytest.mark.slow  # trains several models end to end in process (1-4 s on 2 cores)
 def test_resume_with_another_config_or_teacher_is_refused(store: str):
     teacher = _teacher()
     other = _teacher("seed=1")
@@ -122,6 +123,7 @@ def test_a_swapped_teacher_checkpoint_is_refused_everywhere(tmp_path: Path):
                                   statuses=("RUNNING", "FINISHED", "FAILED", "KILLED"))  # no cache run started
 
 
+@pytest.mark.slow  # trains several models end to end in process (1-4 s on 2 cores)
 def test_a_foreign_last_pt_is_not_resumed(store: str):
     teacher = _teacher()
     cfg = config.load(DIGITS, [*STUDENT, "experiment=boundaries-foreign", "student.optim.epochs=3"])
@@ -172,6 +174,7 @@ def test_resume_after_the_data_changed_is_refused_naming_both_digests(tmp_path: 
 
 # ------------------------------------------------------------------------------------------------ reused caches
 
+@pytest.mark.slow  # trains several models end to end in process (1-4 s on 2 cores)
 def test_reuse_opens_the_store_and_rebuilds_a_broken_one(store: str):
     teacher = _teacher()
     cfg = config.load(DIGITS, [*STUDENT, "experiment=boundaries-reuse"])
@@ -198,6 +201,7 @@ def test_reuse_opens_the_store_and_rebuilds_a_broken_one(store: str):
     assert code == 0 and MlflowClient().get_run(out.strip()).data.tags["kdtrack.cache_run_ids"] == third, err
 
 
+@pytest.mark.slow  # trains several models end to end in process (1-4 s on 2 cores)
 def test_a_student_reads_only_a_cache_of_its_own_dtype(store: str):
     teacher = _teacher()
     cfg = config.load(DIGITS, [*STUDENT, "experiment=boundaries-dtype"])
@@ -208,6 +212,7 @@ def test_a_student_reads_only_a_cache_of_its_own_dtype(store: str):
         assert MlflowClient().get_run(run_id).data.tags["kdtrack.cache_run_ids"] == expected, dtype
 
 
+@pytest.mark.slow  # trains several models end to end in process (1-4 s on 2 cores)
 def test_pipeline_records_the_caches_its_students_read(store: str):
     sets = set_args(*TINY_TEACHER, *STUDENT, "model.hidden=[40]", "experiment=boundaries-pipeline")  # its own steps
     code, out, err = cli("pipeline", "--config", str(DIGITS), "--students", "kd,none", *sets)
@@ -226,6 +231,7 @@ def test_pipeline_records_the_caches_its_students_read(store: str):
 
 # ------------------------------------------------------------------------------------------ deleted and gone runs
 
+@pytest.mark.slow  # `mlflow gc` as a process
 def test_a_deleted_teacher_is_refused_and_lineage_marks_a_collected_link(store: str):
     teacher = _teacher()
     cfg = config.load(DIGITS, [*STUDENT, "experiment=boundaries-deleted"])
@@ -249,6 +255,7 @@ def test_a_deleted_teacher_is_refused_and_lineage_marks_a_collected_link(store: 
 
 # ------------------------------------------------------------------------------------------------ the baseline
 
+@pytest.mark.slow  # trains several models end to end in process (1-4 s on 2 cores)
 def test_the_baseline_is_a_function_of_its_own_config_and_data(store: str):
     """Teachers trained on other splits normalise differently; a baseline names one or none and is the same."""
     cfg = config.load(DIGITS, [*STUDENT, "method=none", "experiment=boundaries-baseline"])

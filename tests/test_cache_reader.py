@@ -145,7 +145,7 @@ def test_foreign_group_and_missing_path_are_refused(tmp_path):
 
 
 def test_chunked_mode_matches_in_memory_and_keeps_lru_in_budget(store16):
-    path, _ = store16
+    path, logits = store16
     budget = budget_for_chunks(3)
     memory, chunked = LogitTable.open(path), LogitTable.open(path, memory_budget_bytes=budget)
     assert not chunked.in_memory and chunked.max_resident_chunks == 3
@@ -154,7 +154,8 @@ def test_chunked_mode_matches_in_memory_and_keeps_lru_in_budget(store16):
         rows = torch.from_numpy(rng.integers(0, N, 64))
         assert torch.equal(chunked[rows], memory[rows])
         assert 0 < chunked.resident_nbytes < budget
-    assert chunked[np.array([[1, 999], [500, 2]])].shape == (2, 2, C)
+    grid = np.array([[1, 999], [500, 2]])  # any index shape: the result keeps it, each cell its own row
+    assert torch.equal(chunked[grid], torch.from_numpy(logits[grid].astype(np.float32)))
     clone = pickle.loads(pickle.dumps(chunked))  # what a DataLoader worker receives
     assert clone.resident_nbytes == 0 and torch.equal(clone[[7, 900]], memory[[7, 900]])
 
@@ -200,13 +201,13 @@ def test_chunk_aware_epoch_reads_each_chunk_once(store16):
 
 
 def test_corrupted_chunk_is_named(store16):
-    path, _ = store16
+    path, logits = store16
     chunk_file = path / "logits" / "c" / "5" / "0"
     raw = bytearray(chunk_file.read_bytes())
     raw[10] ^= 0x01
     chunk_file.write_bytes(bytes(raw))
     table = LogitTable.open(path, memory_budget_bytes=budget_for_chunks(2))
-    assert table[[0, 1]].shape == (2, C)  # other chunks still read
+    assert torch.equal(table[[0, 1]], torch.from_numpy(logits[[0, 1]].astype(np.float32)))  # other chunks still read
     with pytest.raises(CacheError, match="chunk 5 of") as err:
         table[[3, 5 * CHUNK + 1]]
     assert "kdtrack verify-cache --run-id" in err.value.fix and "--repair" in err.value.fix

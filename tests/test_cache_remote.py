@@ -12,7 +12,7 @@ import torch
 import zarr
 from cache_build_child import CHUNK_ROWS, tiny_attrs, tiny_dataset, tiny_model
 from click.testing import CliRunner
-from conftest import DIGITS, TINY_TEACHER, mlflow_server, subprocess_env
+from conftest import DIGITS, TINY_TEACHER, Server, subprocess_env
 from mlflow.tracking import MlflowClient
 
 from kdtrack import checkpoint, config
@@ -165,46 +165,47 @@ def _teacher_logits(client: MlflowClient, teacher: str, sample_ids: list[str], t
         return model.eval()(x).numpy()
 
 
-def test_cache_logits_and_verify_over_http(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    with mlflow_server(tmp_path) as url:
-        cache_dir = str(tmp_path / "kdtrack-cache")  # downloads and remote build staging, not the home folder
-        env = subprocess_env(MLFLOW_TRACKING_URI=url, KDTRACK_CACHE_DIR=cache_dir)
-        sets = [a for pair in (*TINY_TEACHER, "experiment=remote") for a in ("--set", pair)]
-        teacher = _kdtrack(env, tmp_path, "train-teacher", "--config", str(DIGITS), *sets).stdout.split()[-1]
-        cache_args = ("cache-logits", "--teacher-run-id", teacher, "--config", str(DIGITS),
-                      "--set", "cache.chunk_rows=64", "--set", "experiment=remote")
-        run_id = _kdtrack(env, tmp_path, *cache_args).stdout.split()[-1]
-        client = MlflowClient(tracking_uri=url)
-        run = client.get_run(run_id)
-        assert run.info.status == "FINISHED" and run.data.tags["kdtrack.complete"] == "true"
-        # The server's artifact root holds 4 shards + 5 metadata files, against 4 x 20 chunks + 5 unpacked.
-        (served,) = (tmp_path / "artifacts").rglob("logits.zarr")
-        chunks = zarr.open_group(served, mode="r")["chunk_done"].shape[0]
-        assert chunks >= 20 and files_under(served) == 9
-        assert not list(Path(cache_dir).glob("builds/*"))  # staging removed after the upload
+@pytest.mark.slow  # kdtrack processes against the session's mlflow server
+def test_cache_logits_and_verify_over_http(tracking_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    url = tracking_server.url
+    cache_dir = str(tmp_path / "kdtrack-cache")  # downloads and remote build staging, not the home folder
+    env = subprocess_env(MLFLOW_TRACKING_URI=url, KDTRACK_CACHE_DIR=cache_dir)
+    sets = [a for pair in (*TINY_TEACHER, "experiment=cache-remote") for a in ("--set", pair)]
+    teacher = _kdtrack(env, tmp_path, "train-teacher", "--config", str(DIGITS), *sets).stdout.split()[-1]
+    cache_args = ("cache-logits", "--teacher-run-id", teacher, "--config", str(DIGITS),
+                  "--set", "cache.chunk_rows=64", "--set", "experiment=cache-remote")
+    run_id = _kdtrack(env, tmp_path, *cache_args).stdout.split()[-1]
+    client = MlflowClient(tracking_uri=url)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["kdtrack.complete"] == "true"
+    # The server's artifact root holds 4 shards + 5 metadata files, against 4 x 20 chunks + 5 unpacked.
+    served = tracking_server.artifact_dir(run_id) / "logits.zarr"
+    chunks = zarr.open_group(served, mode="r")["chunk_done"].shape[0]
+    assert chunks >= 20 and files_under(served) == 9
+    assert not list(Path(cache_dir).glob("builds/*"))  # staging removed after the upload
 
-        local = Path(client.download_artifacts(run_id, "logits.zarr", str(tmp_path / "dl")))
-        table = LogitTable.open(local)
-        ids = zarr.open_group(local, mode="r")["sample_ids"][:].tolist()
-        expected = _teacher_logits(client, teacher, ids, tmp_path / "teacher")
-        np.testing.assert_allclose(table[np.arange(len(ids))].numpy(), expected, rtol=1e-5, atol=1e-5)
-        proc = _kdtrack(env, tmp_path, "verify-cache", "--run-id", run_id, "--recompute", "8")
-        assert proc.stdout.strip().endswith("cache verification PASSED")
+    local = Path(client.download_artifacts(run_id, "logits.zarr", str(tmp_path / "dl")))
+    table = LogitTable.open(local)
+    ids = zarr.open_group(local, mode="r")["sample_ids"][:].tolist()
+    expected = _teacher_logits(client, teacher, ids, tmp_path / "teacher")
+    np.testing.assert_allclose(table[np.arange(len(ids))].numpy(), expected, rtol=1e-5, atol=1e-5)
+    proc = _kdtrack(env, tmp_path, "verify-cache", "--run-id", run_id, "--recompute", "8")
+    assert proc.stdout.strip().endswith("cache verification PASSED")
 
-        # In-process from here (the same CLI, a faster test): a chunk damaged on the server is repaired over
-        # HTTP, and the re-uploaded shard replaces the old object.
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        monkeypatch.setenv("KDTRACK_CACHE_DIR", str(tmp_path / "fresh-downloads"))
-        monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-        shard = served / "logits" / "c.0.0"
-        good = shard.read_bytes()
-        offset, nbytes = shard_index(shard, chunks)[3]
-        flip(shard, int(offset + nbytes // 2))
-        result = CliRunner().invoke(main, ["verify-cache", "--run-id", run_id, "--repair", "--recompute", "8"])
-        assert result.exit_code == 0 and "repaired chunks 3" in result.stdout, result.output
-        assert shard.read_bytes() == good and files_under(served) == 9
-        assert client.get_run(run_id).data.tags["kdtrack.complete"] == "true"
+    # In-process from here (the same CLI, a faster test): a chunk damaged on the server is repaired over
+    # HTTP, and the re-uploaded shard replaces the old object.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("KDTRACK_CACHE_DIR", str(tmp_path / "fresh-downloads"))
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    shard = served / "logits" / "c.0.0"
+    good = shard.read_bytes()
+    offset, nbytes = shard_index(shard, chunks)[3]
+    flip(shard, int(offset + nbytes // 2))
+    result = CliRunner().invoke(main, ["verify-cache", "--run-id", run_id, "--repair", "--recompute", "8"])
+    assert result.exit_code == 0 and "repaired chunks 3" in result.stdout, result.output
+    assert shard.read_bytes() == good and files_under(served) == 9
+    assert client.get_run(run_id).data.tags["kdtrack.complete"] == "true"
 
-        result = CliRunner().invoke(main, list(cache_args))
-        assert result.exit_code == 0 and result.stdout.split()[-1] == run_id
-        assert f"reusing cache run {run_id}" in result.stderr
+    result = CliRunner().invoke(main, list(cache_args))
+    assert result.exit_code == 0 and result.stdout.split()[-1] == run_id
+    assert f"reusing cache run {run_id}" in result.stderr

@@ -172,6 +172,7 @@ def _write_manifest(root: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
+@pytest.mark.slow  # trains several models end to end in process (1-4 s on 2 cores)
 def test_appended_samples_are_the_only_ones_computed_and_stale_data_is_not_reused(tmp_path: Path):
     manifest = _write_manifest(tmp_path, 120)
     sets = [*TINY_TEACHER, "data.source=manifest", f"data.manifest={manifest}", "experiment=manifest"]
@@ -242,6 +243,7 @@ def test_several_teachers_nest_under_one_parent(digits_teacher: str, digits_cach
     assert parent.data.tags["kdtrack.cache_run_ids"] == f"{first},{second}"
 
 
+@pytest.mark.slow  # trains several models end to end in process (1-4 s on 2 cores)
 def test_recompute_logits_exports_npz_matching_the_cache(digits_teacher: str, tmp_path: Path):
     split_file = tmp_path / "tunev_indices.json"
     split_file.write_text(json.dumps([3, 1, 4, 15, 9, 26]))
@@ -266,6 +268,7 @@ def test_recompute_logits_exports_npz_matching_the_cache(digits_teacher: str, tm
     assert code == 1 and "below the minimum" in out
 
 
+@pytest.mark.slow  # `mlflow run`: a process that imports mlflow, then kdtrack in another
 def test_mlflow_run_cache_logits(digits_teacher: str, tmp_path: Path):
     proc = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "cache_logits", "--env-manager", "local",

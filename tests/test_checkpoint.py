@@ -214,7 +214,9 @@ def test_weights_sha256_identity() -> None:
     assert checkpoint.weights_sha256({"w": a["w"].reshape(2, 1), "b": a["b"]}) != expected
     transposed = torch.arange(6.0).reshape(3, 2).t()  # non-contiguous: hashed by value, not by storage
     assert checkpoint.weights_sha256({"t": transposed}) == checkpoint.weights_sha256({"t": transposed.contiguous()})
-    assert checkpoint.weights_sha256({"h": torch.ones(2, dtype=torch.bfloat16)})
+    # bfloat16 (which numpy has no dtype for) is hashed by its raw bytes too: 1.0 is 0x3F80, little-endian
+    bf16 = hashlib.sha256(b"h\0" + b"torch.bfloat16|(2,)\0" + b"\x80\x3f" * 2).hexdigest()
+    assert checkpoint.weights_sha256({"h": torch.ones(2, dtype=torch.bfloat16)}) == bf16
 
 
 def test_file_sha256_streams(tmp_path: Path) -> None:

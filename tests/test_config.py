@@ -1,8 +1,11 @@
 import ast
+import dataclasses
 import re
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kdtrack import config
 from kdtrack.config import Config
@@ -79,15 +82,41 @@ def test_flatten_and_yaml_round_trip(tmp_path: Path):
     cfg = config.load(None, ["optim.lr=0.3", "model.hidden=[8,4]"])
     flat = config.flatten(cfg)
     assert flat["optim.lr"] == 0.3 and flat["model.hidden"] == [8, 4] and flat["experiment"] == "kdtrack"
-    assert len(flat) == len(set(flat))
+    # one entry per leaf field, named by its full path: a nested section's leaves never overwrite the top ones
+    assert set(flat) == _leaf_names(Config)
+    assert flat["student.model.hidden"] == [64] and flat["student.optim.lr"] == 0.05
     path = tmp_path / "resolved.yaml"
     path.write_text(config.to_yaml(cfg))
     assert config.load(path) == cfg
 
 
+def _leaf_names(cls: type, prefix: str = "") -> set[str]:
+    """Dotted names of every non-section field of the dataclass `cls`, walked here without kdtrack."""
+    names = set()
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        names |= _leaf_names(hint, f"{prefix}{f.name}.") if dataclasses.is_dataclass(hint) else {prefix + f.name}
+    return names
+
+
+def _yaml_leaves(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        out.update(_yaml_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
 def test_experiment_files_load():
-    for path in (Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"):
-        assert isinstance(config.load(path), Config), path
+    paths = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
+    assert len(paths) >= 2  # an empty glob would pass vacuously
+    defaults = config.flatten(Config())
+    for path in paths:
+        written = _yaml_leaves(yaml.safe_load(path.read_text()))
+        loaded = config.flatten(config.load(path))
+        # every value the file sets arrives (a list as a list), every other key keeps its default
+        assert {key: loaded[key] for key in written} == written, path
+        assert {k: v for k, v in loaded.items() if k not in written} == {
+            k: v for k, v in defaults.items() if k not in written}, path
 
 
 def test_nested_section_keeps_its_own_defaults():

@@ -24,6 +24,7 @@ def _logits(run_id: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(group["logits"][:]), cache.done_flags(group)
 
 
+@pytest.mark.slow  # torchrun: two ranks, each its own process
 def test_two_ranks_build_one_cache_equal_to_one_process(store: str, digits_teacher: str) -> None:
     sets = set_args(*OVERRIDES)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -81,6 +82,7 @@ STUDENT = ["student.optim.epochs=3", "train.progress=off", "experiment=ddp-stude
            "data.val_fraction=0.14"]  # 1278 training rows: even, so no rank pads its share
 
 
+@pytest.mark.slow  # torchrun: two ranks, each its own process
 def test_ddp_student_trains_as_one_process_would(store: str, digits_teacher: str) -> None:
     """Two gloo ranks with half batches each take the same steps as one process with whole batches: the
     shards of a step are that step's batch, and DDP averages the gradients. So the weights and the logged

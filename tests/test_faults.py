@@ -11,8 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import fault_child
@@ -109,6 +107,7 @@ def _done_before(key: str) -> int | None:
     return None if found is None else int(found[1] or found[2])
 
 
+@pytest.mark.slow  # 14 forkserver children, each SIGKILLed mid-build, then 14 resumed builds
 def test_build_killed_at_any_write_resumes_to_a_bit_identical_store(tmp_path: Path, forkserver) -> None:
     total = N_ROWS // CHUNK_ROWS
     build_tiny_cache(tmp_path / "clean.zarr")
@@ -143,6 +142,7 @@ STAGE_KILLS = {
 }
 
 
+@pytest.mark.slow  # forkserver children (torch, mlflow and kdtrack preloaded), each killed and rerun
 @pytest.mark.parametrize("point", STAGE_KILLS)
 def test_killed_cache_stage_resumes_its_run_to_a_bit_identical_store(point: str, digits_teacher: str, forkserver,
                                                                      tmp_path: Path) -> None:
@@ -180,6 +180,7 @@ def test_killed_cache_stage_resumes_its_run_to_a_bit_identical_store(point: str,
 # ---------------------------------------------------------------- two builds of one cache at once
 
 
+@pytest.mark.slow  # two forkserver children building one cache
 def test_two_builds_of_one_cache_at_once_end_with_one_run(digits_teacher: str, forkserver, tmp_path: Path) -> None:
     args = ("cache-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
             *set_args("cache.chunk_rows=128", "data.seed=24", "experiment=faults-concurrent"))
@@ -234,6 +235,7 @@ def test_claim_waits_for_its_holder_and_a_killed_holder_lets_go(tmp_path: Path,
 # ---------------------------------------------------------------- a student killed mid-epoch
 
 
+@pytest.mark.slow  # forkserver children (torch, mlflow and kdtrack preloaded), each killed and rerun
 def test_student_killed_mid_epoch_resumes_from_last_pt(digits_teacher: str, forkserver, tmp_path: Path) -> None:
     sets = ("student.model.name=mlp", "student.model.hidden=[16]", "student.optim.epochs=3", "train.progress=off",
             "experiment=faults-student")
@@ -265,29 +267,73 @@ def _last_pt(run_id: str, folder: Path) -> dict:
     return checkpoint.load(tracking.download_artifact(run_id, "checkpoints/last.pt", folder))
 
 
-def test_one_artifact_is_downloaded_once_by_concurrent_readers(tmp_path: Path, monkeypatch) -> None:
-    """DDP ranks (and parallel jobs) read a remote artifact at the same moment: one downloads, the others wait."""
-    monkeypatch.setenv("KDTRACK_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(tracking, "local_artifact_dir", lambda run_id: None)
-    downloads, inside, overlapped = [], threading.Event(), []
+@pytest.mark.slow  # processes against the session's mlflow server
+def test_one_artifact_is_downloaded_once_by_concurrent_readers(tracking_server, tmp_path: Path) -> None:
+    """DDP ranks (and parallel jobs) read a remote artifact at the same moment: one downloads, the others wait.
 
-    def slow_download(run_id: str, path: str, dst: Path) -> Path:
-        downloads.append(run_id)
-        inside.set()
-        overlapped.append(len(downloads) > 1)
-        time.sleep(0.3)  # a second reader arrives while this download runs (the wait below ensures it started)
-        (Path(dst) / Path(path).name).write_text("logits")
-        return Path(dst) / Path(path).name
+    Three processes call `tracking.artifact_path` for one artifact of a run on the session's real `mlflow server`,
+    sharing one KDTRACK_CACHE_DIR. Each counts its real downloads (`tracking.download_artifact`, wrapped) in a shared
+    file. Whichever process downloads does so only once both others have said they wait for its claim: an overlap by
+    construction, not a timing window (without the claim, each would download, and the count would show it)."""
+    import hashlib
 
-    monkeypatch.setattr(tracking, "download_artifact", slow_download)
-    results: list[Path] = []
-    first = threading.Thread(target=lambda: results.append(tracking.artifact_path("run1", "logits.npy")))
-    first.start()
-    inside.wait(timeout=10)
-    results.append(tracking.artifact_path("run1", "logits.npy"))  # arrives mid-download: waits, then reuses it
-    first.join()
-    assert downloads == ["run1"] and overlapped == [False]
-    assert results[0] == results[1] and results[0].read_text() == "logits"
+    readers, artifact = 3, "data/blob.bin"
+    payload = os.urandom(3 * 2**20)  # 3 MiB: several reads and writes, so a partial file would show
+    (tmp_path / "upload").mkdir()
+    (tmp_path / "upload" / "blob.bin").write_bytes(payload)
+    client = MlflowClient(tracking_uri=tracking_server.url)
+    run_id = client.create_run(client.create_experiment("faults-download-once")).info.run_id
+    client.log_artifact(run_id, str(tmp_path / "upload" / "blob.bin"), "data")
+    client.set_terminated(run_id)
+    shared, cache_dir = tmp_path / "shared", tmp_path / "kdtrack-cache"
+    shared.mkdir()
+    child = """
+import hashlib, os, sys, time
+from pathlib import Path
+from kdtrack import claims, tracking
+
+shared, run_id, artifact, readers = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+say, download = claims._say_waiting, tracking.download_artifact
+
+def say_then_mark(*args, **kwargs):
+    say(*args, **kwargs)
+    (shared / f"waiting.{os.getpid()}").touch()
+
+def counted(*args, **kwargs):
+    with open(shared / "downloads", "a") as log:
+        log.write(f"{os.getpid()}\\n")
+    deadline = time.monotonic() + 60  # a safety net only: with the claim, the others wait for this process
+    while len(list(shared.glob("waiting.*"))) < readers - 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return download(*args, **kwargs)
+
+claims._say_waiting, tracking.download_artifact = say_then_mark, counted
+(shared / f"ready.{os.getpid()}").touch()  # start together, once every reader has imported kdtrack
+deadline = time.monotonic() + 120
+while len(list(shared.glob("ready.*"))) < readers and time.monotonic() < deadline:
+    time.sleep(0.01)
+path = tracking.artifact_path(run_id, artifact)
+print(path, hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_ino)
+"""
+    env = subprocess_env(MLFLOW_TRACKING_URI=tracking_server.url, KDTRACK_CACHE_DIR=str(cache_dir))
+    procs = [subprocess.Popen([sys.executable, "-c", child, str(shared), run_id, artifact, str(readers)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(readers)]
+    results = [(proc.pid, *proc.communicate(timeout=300)) for proc in procs]  # (pid, stdout, stderr)
+    assert [proc.returncode for proc in procs] == [0] * readers, [err[-3000:] for *_, err in results]
+
+    downloaders = [int(pid) for pid in (shared / "downloads").read_text().split()]
+    assert len(downloaders) == 1, f"{len(downloaders)} downloads of one artifact: {downloaders}"
+    waiters = sorted(int(p.name.split(".")[1]) for p in shared.glob("waiting.*"))
+    assert waiters == sorted(set(pid for pid, *_ in results) - set(downloaders))
+    for pid, _out, err in results:
+        said = f"another process (pid {downloaders[0]} on {socket.gethostname()}) is downloading {artifact} of run"
+        assert (said in err) == (pid in waiters), err
+    # Every reader got the same complete file, in the shared folder, byte-identical to what was logged.
+    printed = {tuple(out.split()) for _pid, out, _err in results}
+    assert len(printed) == 1, printed
+    ((path, digest, _inode),) = printed
+    assert Path(path) == cache_dir / run_id / artifact
+    assert digest == hashlib.sha256(payload).hexdigest() and Path(path).read_bytes() == payload
 
 
 # ---------------------------------------------------------------- SIGTERM, orphans, equal steps at once
@@ -305,6 +351,7 @@ def _runs(experiment: str) -> dict[str, list]:
     return by_stage
 
 
+@pytest.mark.slow  # forkserver children (torch, mlflow and kdtrack preloaded), each killed and rerun
 def test_sigterm_ends_the_run_killed_and_it_resumes(digits_teacher: str, forkserver, tmp_path: Path) -> None:
     sets = (*STUDENT_SETS, "experiment=faults-sigterm")
     cache_logits.run(config.load(DIGITS, list(sets)), digits_teacher)
@@ -319,6 +366,7 @@ def test_sigterm_ends_the_run_killed_and_it_resumes(digits_teacher: str, forkser
     assert sorted(m.step for m in MlflowClient().get_metric_history(run.info.run_id, "train/loss")) == [0, 1, 2]
 
 
+@pytest.mark.slow  # forkserver children (torch, mlflow and kdtrack preloaded), each killed and rerun
 def test_an_orphan_is_marked_killed_and_a_pipeline_rerun_resumes_its_student(store: str, forkserver,
                                                                              tmp_path: Path) -> None:
     sets = set_args("model.name=mlp", "model.hidden=[32]", "optim.epochs=1", *STUDENT_SETS, "experiment=faults-orphan")
@@ -341,6 +389,7 @@ def test_an_orphan_is_marked_killed_and_a_pipeline_rerun_resumes_its_student(sto
     assert "its owner (pid" in MlflowClient().get_run(old_parent).data.tags["kdtrack.ended_by"]
 
 
+@pytest.mark.slow  # two whole pipelines in forkserver children at once
 def test_two_equal_pipelines_at_once_do_each_step_once(store: str, forkserver, tmp_path: Path) -> None:
     tracking.experiment_names()  # the store's tables exist before two processes open it
     sets = set_args("model.name=mlp", "model.hidden=[24]", "optim.epochs=1", *STUDENT_SETS,  # a teacher of its own

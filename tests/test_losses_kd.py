@@ -57,9 +57,7 @@ def test_kd_loss_scales_softened_kl_by_t_squared() -> None:
     gen = torch.Generator().manual_seed(1)
     s, t = torch.randn(4, 6, generator=gen) * 2, torch.randn(4, 6, generator=gen) * 2
     want = sum(kl_py(a, b, 4.0) for a, b in zip(s.tolist(), t.tolist())) / 4
-    assert kd_loss(s, t, temperature=4.0).item() == pytest.approx(want, rel=1e-5)
-    # Same softened distributions, but without T² the value would be 16 times smaller.
-    assert want / 16 < 0.5 * kd_loss(s, t, temperature=4.0).item()
+    assert kd_loss(s, t, temperature=4.0).item() == pytest.approx(want, rel=1e-5)  # want carries the T² = 16
 
 
 def test_teacher_gets_no_gradient() -> None:
@@ -91,7 +89,8 @@ def test_teacher_zero_probability_classes_add_nothing() -> None:
     got = kd_loss(s.requires_grad_(), t, temperature=1.0)
     assert got.item() == pytest.approx(want, rel=1e-6)
     got.backward()
-    assert torch.isfinite(s.grad).all()
+    # d/ds KL(p_t || p_s) = p_s - p_t, finite in every class, the ruled-out one included
+    assert s.grad[0].tolist() == pytest.approx([ps[0] - 0.5, ps[1] - 0.5, ps[2]], rel=1e-6)
 
 
 def test_kd_gradient_matches_closed_form() -> None:
@@ -158,6 +157,18 @@ def test_student_loss_is_weighted_sum_of_hand_ce_and_kd() -> None:
     assert loss.item() == pytest.approx(0.3 * ce + 0.7 * kd, rel=1e-5)
     assert stats["total_loss"] == pytest.approx(loss.item(), rel=1e-6)
     assert (stats["kd_weight"], stats["ce_weight"], stats["coverage"]) == pytest.approx((0.7, 0.3, 1.0))
+    confidence = sum(max(softmax_py(row)) for row in t) / 3  # the teacher's top probability at T = 1, every row
+    assert stats["avg_confidence"] == pytest.approx(confidence, rel=1e-5)
+
+
+def test_kd_loss_defaults_to_temperature_4_and_batchmean() -> None:
+    s, t = [[1.0, 0.5, -1.0], [0.0, 2.0, 0.3]], [[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]]
+    want = sum(kl_py(a, b, 4.0) for a, b in zip(s, t)) / 2  # T² · KL at T = 4, mean over rows
+    assert kd_loss(torch.tensor(s), torch.tensor(t)).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_a_one_epoch_ramp_starts_at_zero() -> None:
+    assert [compute_kd_weight(e, 2, 1, 0.8) for e in range(5)] == [0.0, 0.0, 0.0, 0.8, 0.8]
 
 
 def test_unlabelled_rows_get_pure_kd_gradient() -> None:
@@ -187,9 +198,12 @@ def test_domain_mask_limits_kd_and_divides_by_batch() -> None:
 
 
 def test_batch_without_labels_has_zero_ce_not_nan() -> None:
-    loss, stats = compute_student_loss(torch.randn(4, 3), torch.randn(4, 3), torch.full((4,), -1),
-                                       KDLossConfig(), current_epoch=0)
-    assert math.isfinite(loss.item()) and stats["ce_loss"] == 0.0
+    gen = torch.Generator().manual_seed(3)
+    s, t = torch.randn(4, 3, generator=gen), torch.randn(4, 3, generator=gen)
+    loss, stats = compute_student_loss(s, t, torch.full((4,), -1), KDLossConfig(), current_epoch=0)
+    assert stats["ce_loss"] == 0.0
+    kd = sum(kl_py(a, b, 4.0) for a, b in zip(s.tolist(), t.tolist())) / 4  # the defaults: T = 4, alpha = 0.7
+    assert loss.item() == pytest.approx(0.7 * kd, rel=1e-5)
 
 
 def test_warmup_gives_plain_ce() -> None:
@@ -209,11 +223,17 @@ def test_regression_distillation(kind: str, want: float) -> None:
     assert (stats["ce_weight"], stats["kd_weight"]) == (0.0, 1.0) and "avg_confidence" not in stats
 
 
-def test_config_is_validated() -> None:
-    for bad in ({"kd_alpha": 1.5}, {"warmup_epochs": -1}, {"kd_weighting": "entropy"}, {"regression": "huber"},
-                {"temperature": -1.0}, {"confidence_threshold": 2.0}):
-        with pytest.raises(ConfigError):
-            KDLossConfig(**bad)
+@pytest.mark.parametrize("bad, message", [
+    ({"kd_alpha": 1.5}, r"kd_alpha must be in \[0.0, 1.0\], got 1.5"),
+    ({"warmup_epochs": -1}, "warmup_epochs must be an int >= 0, got -1"),
+    ({"kd_weighting": "entropy"}, "unknown kd.weighting 'entropy'"),
+    ({"regression": "huber"}, "unknown regression 'huber'"),
+    ({"temperature": -1.0}, "temperature must be a finite number > 0, got -1.0"),
+    ({"confidence_threshold": 2.0}, r"confidence threshold must be a probability in \[0, 1\], got 2.0"),
+])
+def test_config_is_validated(bad: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        KDLossConfig(**bad)
 
 
 def test_logit_kd_wires_teacher_lookup_domain_and_stats() -> None:
@@ -223,17 +243,25 @@ def test_logit_kd_wires_teacher_lookup_domain_and_stats() -> None:
     loss_fn = LogitKD(lambda batch: table[batch[2]], cfg, domain_index=1)
     batches = [(torch.randn(4, 4), torch.tensor([0, -1, 2, 1]), torch.tensor(rows), torch.tensor([1, 0, 1, 1]))
                for rows in ([3, 1, 7, 0], [2, 9, 5, 4])]
-    expected = []
+    totals, confidences = [], []
     for batch in batches:
         logits, terms = loss_fn(model, batch, epoch=0)
         assert set(terms) == {"ce", "kd"}
-        want, stats = compute_student_loss(logits, table[batch[2]], batch[1], cfg, 0, batch[3] == 1)
-        assert (terms["ce"] + terms["kd"]).item() == pytest.approx(want.item(), rel=1e-6)
-        expected.append(stats)
+        # by hand: CE over the labelled rows; KD on domain-1 rows only, each weighted by its teacher's max
+        # probability at T = 1, summed over the batch of 4
+        s, t, y = logits.tolist(), table[batch[2]].tolist(), batch[1].tolist()
+        ce = sum(ce_py(s[i], y[i]) for i in range(4) if y[i] >= 0) / 3
+        pmax = [max(softmax_py(row)) for row in t]
+        kd = sum(pmax[i] * kl_py(s[i], t[i], 2.0) for i in range(4) if batch[3][i] == 1) / 4
+        assert terms["ce"].item() == pytest.approx(0.5 * ce, rel=1e-5)
+        assert terms["kd"].item() == pytest.approx(0.5 * kd, rel=1e-5)
+        totals.append(0.5 * ce + 0.5 * kd)
+        confidences.append(sum(pmax) / 4)
     means = loss_fn.pop_stats()
-    for key in ("coverage", "avg_confidence", "kd_weight", "total_loss"):
-        assert means[key] == pytest.approx(sum(s[key] for s in expected) / 2, rel=1e-6)
-    assert means["coverage"] == pytest.approx(0.75)
+    assert means["total_loss"] == pytest.approx(sum(totals) / 2, rel=1e-5)
+    assert means["avg_confidence"] == pytest.approx(sum(confidences) / 2, rel=1e-5)
+    assert (means["kd_weight"], means["ce_weight"]) == pytest.approx((0.5, 0.5))
+    assert means["coverage"] == pytest.approx(0.75)  # 3 of each batch's 4 rows are domain 1
     assert loss_fn.pop_stats() == {}
 
 

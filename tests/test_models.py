@@ -81,12 +81,17 @@ def test_unknown_name_lists_the_valid_ones() -> None:
         assert name in info.value.fix
 
 
+_BAD_SHAPE = "input shape must be a non-empty tuple of positive ints"
+
+
 @pytest.mark.parametrize(
-    ("num_classes", "shape"),
-    [(1, (64,)), (0, (64,)), (True, (64,)), (10, ()), (10, (0, 8)), (10, (8, -1)), (10, (8.0, 8))],
+    ("num_classes", "shape", "message"),
+    [(1, (64,), "num_classes must be an int >= 2, got 1"), (0, (64,), "num_classes must be an int >= 2, got 0"),
+     (True, (64,), "num_classes must be an int >= 2, got True"), (10, (), _BAD_SHAPE), (10, (0, 8), _BAD_SHAPE),
+     (10, (8, -1), _BAD_SHAPE), (10, (8.0, 8), _BAD_SHAPE)],
 )
-def test_bad_classes_or_shape_is_refused(num_classes: int, shape: tuple[int, ...]) -> None:
-    with pytest.raises(ModelError):
+def test_bad_classes_or_shape_is_refused(num_classes: int, shape: tuple[int, ...], message: str) -> None:
+    with pytest.raises(ModelError, match=message):
         ModelSpec("mlp", num_classes, shape)
 
 
@@ -98,13 +103,16 @@ def test_spec_from_config_keeps_only_options_the_model_uses() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "kwargs"),
-    [("resnet20", {"dropout": 0.1}), ("mlp", {"channels": 4}), ("cnn", {"dropout": 1.0}),
-     ("mlp", {"hidden": (0,)}), ("cnn", {"channels": 2.5})],
+    ("name", "kwargs", "message"),
+    [("resnet20", {"dropout": 0.1}, r"resnet20 does not take option 'dropout' \(it takes no options\)"),
+     ("mlp", {"channels": 4}, r"mlp does not take option 'channels' \(it takes hidden, dropout\)"),
+     ("cnn", {"dropout": 1.0}, r"dropout must be a probability in \[0, 1\), got 1.0"),
+     ("mlp", {"hidden": (0,)}, r"mlp hidden widths must be positive ints, got \(0,\)"),
+     ("cnn", {"channels": 2.5}, "cnn channels must be a positive int, got 2.5")],
 )
-def test_bad_options_are_refused(name: str, kwargs: dict) -> None:
+def test_bad_options_are_refused(name: str, kwargs: dict, message: str) -> None:
     shape = (64,) if name == "mlp" else (1, 8, 8)
-    with pytest.raises(ModelError):
+    with pytest.raises(ModelError, match=message):
         ModelSpec(name, 10, shape, kwargs)
 
 
@@ -271,7 +279,11 @@ def test_feature_shapes_restores_training_mode() -> None:
     assert model.training
 
 
-@pytest.mark.parametrize(("name", "shape", "bad"), [("cnn", (1, 8, 8), (2, 8, 8)), ("mlp", (64,), (2, 40))])
-def test_wrong_input_rank_or_size_is_refused(name: str, shape: tuple[int, ...], bad: tuple[int, ...]) -> None:
-    with pytest.raises(ModelError):
+@pytest.mark.parametrize(("name", "shape", "bad", "message"), [
+    ("cnn", (1, 8, 8), (2, 8, 8), r"SmallCNN expects a batch of rank 4, got shape \(2, 8, 8\)"),
+    ("mlp", (64,), (2, 40), r"mlp expects input \(B, 64\), got \(2, 40\)"),
+])
+def test_wrong_input_rank_or_size_is_refused(name: str, shape: tuple[int, ...], bad: tuple[int, ...],
+                                             message: str) -> None:
+    with pytest.raises(ModelError, match=message):
         _build(name, shape)(torch.randn(*bad))

@@ -1,6 +1,7 @@
 """pipeline, sweep and fetch end to end on the session store, with a tiny config."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -26,6 +27,10 @@ def _steps(parent: str) -> dict[str, list]:
     return json.loads(MlflowClient().get_run(parent).data.tags["kdtrack.steps"])
 
 
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 @pytest.fixture(scope="module")
 def first_pipeline(store: str) -> str:
     code, out, err = _pipeline("pipeline")
@@ -49,9 +54,23 @@ def test_pipeline_runs_every_stage_as_finished_children(first_pipeline: str):
     assert kd.data.tags["kdtrack.cache_run_ids"] == cache and kd.info.run_name == "student-kd-t4-a0.7"
     summary = client.download_artifacts(first_pipeline, "summary.txt", str(Path(client.get_run(first_pipeline)
                                                                                   .info.artifact_uri[7:]).parent))
-    text = Path(summary).read_text()
+    header, *rows = Path(summary).read_text().splitlines()
+    assert header.split() == ["step", "run", "reused", "test", "acc", "agreement", "epoch", "s", "build", "s",
+                              "read", "from"]
+    read_from = {"teacher": "-", "cache": f"teacher {teacher}", "student-kd": f"cache {cache}",
+                 "student-none": "labels"}
+    # one row per step, in order, each read back from that step's own run
+    assert [row.split()[:3] for row in rows] == [[client.get_run(run_id).info.run_name, run_id, "no"]
+                                                 for run_id, _ in steps.values()]
+    cells = {name: row.rstrip().split(maxsplit=7)[3:] for row, name in zip(rows, steps)}
     for name, (run_id, _) in steps.items():
-        assert run_id in text, name
+        metrics = client.get_run(run_id).data.metrics
+        times = [m.value for m in client.get_metric_history(run_id, "epoch_seconds")]
+        assert cells[name] == [_fmt(metrics.get("test/acc")), _fmt(metrics.get("test/agreement")),
+                               _fmt(sum(times) / len(times) if times and name != "cache" else None, 3),
+                               _fmt(metrics.get("build/seconds"), 2), read_from[name]], name
+    # so the table is not all dashes: the KD student has both figures, the cache its build time
+    assert "-" not in cells["student-kd"][:3] and cells["cache"][3] != "-"
 
 
 def test_second_invocation_reuses_every_step(first_pipeline: str):
@@ -71,6 +90,7 @@ def test_student_change_reruns_only_that_student(first_pipeline: str):
     assert steps["student-kd"][1] is False and steps["student-kd"][0] != before["student-kd"][0]
 
 
+@pytest.mark.slow  # a second whole pipeline: teacher, cache and students (~1 s)
 def test_teacher_change_reruns_everything(first_pipeline: str):
     code, out, err = _pipeline("pipeline", "--set", "optim.lr=0.04")
     assert code == 0, err
@@ -81,14 +101,18 @@ def test_teacher_change_reruns_everything(first_pipeline: str):
     assert steps["student-none"] == [before["student-none"][0], True]
 
 
+@pytest.mark.slow  # reruns a cache and its students (~1 s)
 def test_force_reruns_from_that_step(first_pipeline: str):
     code, out, err = _pipeline("pipeline", "--force", "cache")
     assert code == 0, err
     steps, before = _steps(out.strip().splitlines()[-1]), _steps(first_pipeline)
     assert steps["teacher"] == [before["teacher"][0], True]
-    assert all(not steps[n][1] for n in ("cache", "student-kd", "student-none"))
+    for name in ("cache", "student-kd", "student-none"):  # new runs, not the old ones relabelled
+        assert steps[name][1] is False and steps[name][0] != before[name][0], name
+        assert MlflowClient().get_run(steps[name][0]).info.status == "FINISHED", name
 
 
+@pytest.mark.slow  # a sweep of student trainings, then its rerun (~4 s on 2 cores)
 def test_sweep_skips_finished_and_reruns_failed(store: str, monkeypatch: pytest.MonkeyPatch):
     args = ["sweep", "--config", str(DIGITS), "--grid", "kd.alpha=0.5,0.9", "--seeds", "0,1",
             *[a for s in (*TINY, "experiment=sweep") for a in ("--set", s)]]
@@ -108,11 +132,28 @@ def test_sweep_skips_finished_and_reruns_failed(store: str, monkeypatch: pytest.
     code, out, err = cli(*args)
     assert code == 0, err
     assert err.count("reusing run") == 2 + 3  # teacher, cache and the three students that finished
-    assert "kd.alpha=0.5" in out and " 2 " in out.splitlines()[1]
     parent = out.strip().splitlines()[-1]
-    csv_text = Path(tracking.artifact_path(parent, "results.csv")).read_text().splitlines()
-    assert csv_text[0].startswith("combination,seeds,val/acc mean,val/acc std,best/val_acc mean")
-    assert len(csv_text) == 3
+    with open(tracking.artifact_path(parent, "results.csv"), newline="") as handle:
+        table = list(csv.DictReader(handle))
+    # mean and sample std over the two seeds, from the student runs themselves
+    client = MlflowClient()
+    students = client.search_runs([client.get_experiment_by_name("sweep").experiment_id],
+                                  "tags.`kdtrack.stage` = 'student' and attributes.status = 'FINISHED'")
+    by_alpha: dict[str, dict[str, dict[str, float]]] = {}
+    for run in students:
+        by_alpha.setdefault(run.data.params["kd.alpha"], {})[run.data.params["seed"]] = run.data.metrics
+    assert {alpha: sorted(seeds) for alpha, seeds in by_alpha.items()} == {"0.5": ["0", "1"], "0.9": ["0", "1"]}
+    assert [row["combination"] for row in table] == ["kd.alpha=0.5", "kd.alpha=0.9"]
+    for row in table:
+        metrics = by_alpha[row["combination"].split("=")[1]].values()
+        assert row["seeds"] == "2", row
+        for column in ("val/acc", "best/val_acc", "test/acc"):
+            values = np.array([m[column] for m in metrics])
+            assert float(row[f"{column} mean"]) == pytest.approx(values.mean(), rel=1e-12), (row, column)
+            std = values.std(ddof=1)
+            assert float(row[f"{column} std"]) == pytest.approx(std, rel=1e-9, abs=1e-15), (row, column)
+    # the printed table: one line per combination, with its seed count
+    assert [line.split()[:2] for line in out.splitlines()[1:3]] == [["kd.alpha=0.5", "2"], ["kd.alpha=0.9", "2"]]
     code, out, err = cli(*args, "--force-restart")
     assert code == 0 and err.count("reusing run") == 2  # only teacher and cache
 
@@ -148,9 +189,17 @@ def test_ui_fields_are_stable(first_pipeline: str):
     teacher, kd = client.get_run(steps["teacher"][0]), client.get_run(steps["student-kd"][0])
     assert teacher.info.run_name == "teacher-mlp-digits"
     assert client.get_run(steps["cache"][0]).info.run_name == "cache-teacher-mlp-digits"
+    assert teacher.data.tags["mlflow.note.content"].startswith("Teacher mlp on digits (")
+    assert kd.data.tags["mlflow.note.content"].startswith(
+        "Student mlp by kd (cached teacher logits) from teacher-mlp-digits; ")
     for run in (teacher, kd):
-        assert run.data.tags["mlflow.note.content"]
         assert {"kd.alpha", "kd.temperature", "student.model.name", "optim.lr", "seed"} <= set(run.data.params)
-        assert run.inputs.dataset_inputs
+        inputs = {i.dataset.name: (i.dataset.digest, {t.key: t.value for t in i.tags}["mlflow.data.context"])
+                  for i in run.inputs.dataset_inputs}
+        digest, context = inputs.pop("digits")  # the training rows, named by a prefix of the run's dataset digest
+        assert context == "train" and len(digest) >= 12
+        assert run.data.tags["kdtrack.dataset_digest"].startswith(digest)
+        # the KD student also lists the teacher's logit cache it read
+        assert [c for _, c in inputs.values()] == ([] if run is teacher else ["teacher_logits"])
     assert set(teacher.data.params) == set(kd.data.params)  # same columns in the compare view
     assert config.flatten(config.load(DIGITS)).keys() == teacher.data.params.keys()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import math
 import statistics
 import subprocess
@@ -58,6 +59,18 @@ def _figures(**selection) -> dict:
     return script.build_figures(script.select(script.Selection(**selection)), [])
 
 
+def _png_bytes(figure) -> bytes:
+    """The figure as the script saves it: PNG at 120 dpi."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk, which follows the 8-byte signature and the chunk's length and type."""
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
     code = script.main(list(argv))
     out, err = capsys.readouterr()
@@ -71,8 +84,14 @@ def test_default_plots_are_written_and_printed(runs, tmp_path, capsys):
     assert code == 0, err
     names = ["learning_curves.png", "students.png", "kd_schedule.png", "epoch_times.png"]
     assert out.splitlines() == [str(tmp_path / n) for n in names]
+    figures = _figures(experiment=EXPERIMENT)  # each drawn figure's content is checked by the tests below
     for name in names:
-        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC and (tmp_path / name).stat().st_size > 5000
+        written = (tmp_path / name).read_bytes()
+        assert written[:8] == PNG_MAGIC
+        # each file is its own figure, whole, at 120 dpi: the same bytes as that figure rendered here
+        figure = figures[name.removesuffix(".png")]
+        assert _png_size(written) == tuple(round(v * 120) for v in figure.get_size_inches())
+        assert written == _png_bytes(figure), name
 
 
 def test_learning_curves_have_one_line_per_run(runs):
@@ -124,7 +143,12 @@ def test_named_metric_of_two_runs(runs, tmp_path, capsys):
     assert out.split() == [str(tmp_path / "metrics.png"), str(tmp_path / "metrics.svg")]
     figure = script.build_figures(script.select(script.Selection(run_ids=(runs["kd"], runs["none"]))), ["val/acc"])
     (ax,) = figure["metrics"].axes
-    assert ax.get_title() == "val/acc" and len(ax.lines) == 2
+    assert ax.get_title() == "val/acc"
+    drawn = sorted((list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines)
+    assert drawn == sorted(([0, 1, 2], _history(runs[r], "val/acc")) for r in ("kd", "none"))
+    assert (tmp_path / "metrics.png").read_bytes() == _png_bytes(figure["metrics"])
+    svg = (tmp_path / "metrics.svg").read_bytes()
+    assert svg.startswith(b"<?xml") and b"<svg" in svg
 
 
 def test_log_to_run_puts_the_files_under_plots(runs, tmp_path, capsys):
@@ -154,14 +178,22 @@ def test_unknown_metric_names_the_logged_ones(runs, capsys):
     assert "val/acc," in err and "train/kd_weight" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow  # plot_experiments.py as a process: imports matplotlib and mlflow
 def test_script_as_a_subprocess(runs, tmp_path):
     out = subprocess.run([sys.executable, str(SCRIPT), "--experiment", EXPERIMENT, "--stage", "student",
                           "--out", str(tmp_path), "--svg", "true"],
                          capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert out.returncode == 0, out.stderr
     written = [Path(p) for p in out.stdout.split()]
-    assert {p.suffix for p in written} == {".png", ".svg"} and len(written) == 8
-    assert all(p.stat().st_size > 0 for p in written)
+    stems = ["learning_curves", "students", "kd_schedule", "epoch_times"]
+    assert written == [tmp_path / f"{stem}{suffix}" for stem in stems for suffix in (".png", ".svg")]
+    for path in written:
+        data = path.read_bytes()
+        is_png, is_svg = data.startswith(PNG_MAGIC), data.startswith(b"<?xml") and b"<svg" in data
+        assert (is_png, is_svg) == ((True, False) if path.suffix == ".png" else (False, True)), path
+    figures = _figures(experiment=EXPERIMENT, stage="student")
+    for stem in stems:  # the subprocess drew the same figures as this process does
+        assert (tmp_path / f"{stem}.png").read_bytes() == _png_bytes(figures[stem]), stem
 
 
 def test_nan_and_inf_metrics_are_skipped_and_marked(store, tmp_path, capsys):
@@ -266,6 +298,7 @@ def test_pure_plots_leave_out_and_mark_non_finite_values():
     assert loss.get_title() == "train/loss (1 NaN/Inf value not drawn)"
 
 
+@pytest.mark.slow  # trains several models end to end in process (1-4 s on 2 cores)
 def test_unfinished_runs_are_left_out_or_marked(store: str, tmp_path: Path, capsys):
     experiment = "plots-unfinished"
     cfg = config.load(DIGITS, [*TINY_TEACHER, "optim.epochs=3", f"experiment={experiment}"])

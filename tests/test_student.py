@@ -119,6 +119,7 @@ def test_stale_cache_is_refused(store: str):
     assert code == 2 and "1 cache(s) of this teacher exist, for other data, checkpoint or dtype" in err
 
 
+@pytest.mark.slow  # trains several models end to end in process (1-4 s on 2 cores)
 def test_rkd_student_learns(digits_teacher: str, kd_and_baseline: tuple[str, str]):
     code, out, err = _student(digits_teacher, "method=rkd", "teacher_mode=online", "kd.alpha=0.75")
     assert code == 0, err
@@ -135,6 +136,7 @@ def test_feature_methods_need_the_teacher_online(digits_teacher: str):
     assert code == 2 and "--set teacher_mode=online" in err
 
 
+@pytest.mark.slow  # trains several models end to end in process (1-4 s on 2 cores)
 def test_factor_transfer_paraphraser_is_trained_once_then_reused(store: str):
     teacher = train_teacher.run(config.load(DIGITS, [*TINY_TEACHER, "model.name=cnn", "model.channels=8",
                                                      "optim.epochs=1", "experiment=ft"]))
@@ -156,6 +158,7 @@ def test_factor_transfer_paraphraser_is_trained_once_then_reused(store: str):
         f"{checkpoint.file_sha256(path)[:12]} but the run recorded" in err, err
 
 
+@pytest.mark.slow  # trains several models end to end in process (1-4 s on 2 cores)
 def test_online_kd_and_multi_teacher_fusion(digits_teacher: str, digits_cache_run: str):
     code, out, err = _student(digits_teacher, "teacher_mode=online", "student.optim.epochs=2")
     assert code == 0, err
@@ -178,6 +181,7 @@ def test_unknown_domain_is_refused(digits_teacher: str, digits_cache_run: str):
     assert code == 2 and "kd.domain='city-b' is not a domain of the training data" in err
 
 
+@pytest.mark.slow  # trains several models end to end in process (1-4 s on 2 cores)
 def test_student_resume_reaches_the_same_weights(digits_teacher: str, digits_cache_run: str):
     cfg = config.load(DIGITS, [*STUDENT, "student.optim.epochs=3", "experiment=student-resume"])
     straight = train_student.run(cfg, [digits_teacher])
@@ -192,6 +196,7 @@ def test_student_resume_reaches_the_same_weights(digits_teacher: str, digits_cac
     assert client.get_run(killed.info.run_id).data.tags[tag] == client.get_run(straight).data.tags[tag]
 
 
+@pytest.mark.slow  # `mlflow run`: a process that imports mlflow, then kdtrack in another
 def test_mlflow_run_train_student(digits_teacher: str, digits_cache_run: str, tmp_path: Path):
     proc = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train_student", "--env-manager", "local",

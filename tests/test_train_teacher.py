@@ -1,6 +1,7 @@
 """The train-teacher stage end to end against the session's sqlite store: CLI, mlflow run, failure, resume."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,15 @@ from kdtrack.models import ModelSpec, build_model
 from kdtrack.stages import train_teacher
 
 
+def _git_head() -> str:
+    """The commit the code runs from, read here with git itself; `unknown` outside git."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 @pytest.fixture(scope="module")
 def teacher_run(store: str) -> str:
     code, out, err = cli("train-teacher", "--config", str(DIGITS), *set_args(*TINY_TEACHER, "experiment=teachers"))
@@ -29,15 +39,21 @@ def test_cli_run_is_finished_with_tags_params_and_metrics(teacher_run: str):
     assert run.info.run_name == "teacher-mlp-digits"
     tags = run.data.tags
     assert tags["kdtrack.stage"] == "teacher"
-    assert tags["kdtrack.code_version"] != ""
+    # the full commit, then the hash of the uncommitted diff if there is one
+    assert re.fullmatch(rf"{_git_head()}(-dirty\.[0-9a-f]{{12}})?", tags["kdtrack.code_version"])
     assert tags["mlflow.note.content"].startswith("Teacher mlp on digits")
-    assert len(tags["kdtrack.checkpoint_sha256"]) == 64
     params = run.data.params
     assert params["optim.epochs"] == "2" and params["model.name"] == "mlp" and params["model.hidden"] == "32"
-    history = MlflowClient().get_metric_history(teacher_run, "val/acc")
-    assert [m.step for m in history] == [0, 1]
-    for key in ("train/loss", "train/acc", "val/loss", "lr", "epoch_seconds", "data_seconds"):
-        assert len(MlflowClient().get_metric_history(teacher_run, key)) == 2, key
+    history = {key: [(m.step, m.value) for m in sorted(MlflowClient().get_metric_history(teacher_run, key),
+                                                       key=lambda m: m.step)]
+               for key in ("train/loss", "train/acc", "val/loss", "val/acc", "lr", "epoch_seconds", "data_seconds")}
+    for key, values in history.items():
+        assert [step for step, _ in values] == [0, 1], key
+    # cosine over 2 epochs from lr=0.05: 0.05, then 0.05 * (1 + cos(pi / 2)) / 2
+    assert [v for _, v in history["lr"]] == pytest.approx([0.05, 0.025])
+    val_acc = [v for _, v in history["val/acc"]]
+    assert run.data.metrics["best/val_acc"] == max(val_acc)
+    assert run.data.metrics["best/epoch"] == val_acc.index(max(val_acc))  # the first epoch that reached it
     assert run.data.metrics["test/acc"] > 0.8  # two epochs of an MLP on digits are well above chance (0.1)
 
 
@@ -53,7 +69,8 @@ def test_dataset_input_carries_the_digest(teacher_run: str):
     assert run.data.tags["kdtrack.dataset_digest"] == digest
     (dataset_input,) = run.inputs.dataset_inputs
     assert dataset_input.dataset.name == "digits"
-    assert digest.startswith(dataset_input.dataset.digest)
+    # MLflow's digest column is short: a prefix of kdtrack's digest, at least as long as messages quote it
+    assert len(dataset_input.dataset.digest) >= 12 and digest.startswith(dataset_input.dataset.digest)
     assert digest in dataset_input.dataset.source
     assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "train"
 
@@ -63,8 +80,12 @@ def test_checkpoints_load_and_reproduce_the_logged_accuracy(teacher_run: str, tm
     names = sorted(f.path for f in client.list_artifacts(teacher_run, "checkpoints"))
     assert names == ["checkpoints/best.pt", "checkpoints/last.pt"]
     best = checkpoint.load(client.download_artifacts(teacher_run, "checkpoints/best.pt", str(tmp_path)))
+    last = checkpoint.load(client.download_artifacts(teacher_run, "checkpoints/last.pt", str(tmp_path)))
     run = client.get_run(teacher_run)
+    # (checkpoint.weights_sha256 is pinned to a hand-written sha256 in test_checkpoint.py)
     assert checkpoint.weights_sha256(best["state_dict"]) == run.data.tags["kdtrack.checkpoint_sha256"]
+    assert checkpoint.weights_sha256(last["state_dict"]) == run.data.tags["kdtrack.checkpoint_sha256_last"]
+    assert last["epoch"] == 1 and best["epoch"] == run.data.metrics["best/epoch"]
     model = build_model(ModelSpec.from_dict(best["spec"]))
     model.load_state_dict(best["state_dict"])
     cfg = config.load(DIGITS)
@@ -95,6 +116,7 @@ def test_bad_input_exits_2_without_a_run(store: str):
     assert MlflowClient().get_experiment_by_name("never-created") is None
 
 
+@pytest.mark.slow  # trains a teacher straight and again with a crash and resume, per case (~1 s each)
 @pytest.mark.parametrize("crash", ["after last.pt", "between metrics and last.pt"])
 def test_resume_continues_the_same_run_to_the_same_weights(store: str, crash: str, monkeypatch):
     experiment = f"resume-{crash.split()[0]}"
@@ -130,6 +152,7 @@ def test_resume_continues_the_same_run_to_the_same_weights(store: str, crash: st
     assert resumed.data.tags[tag] == client.get_run(straight).data.tags[tag]
 
 
+@pytest.mark.slow  # `mlflow run`: a process that imports mlflow, then kdtrack in another
 def test_mlflow_run_entry_point(store: str, tmp_path: Path):
     env = subprocess_env()
     overrides = " ".join([*TINY_TEACHER, "optim.epochs=1"])
@@ -146,6 +169,9 @@ def test_mlflow_run_entry_point(store: str, tmp_path: Path):
     assert run.data.params["optim.epochs"] == "1"
     assert sorted(f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")) == [
         "checkpoints/best.pt", "checkpoints/last.pt"]
+    # every word of the `overrides` parameter reached the config, in order
+    logged = config.load(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
+    assert logged == config.load(DIGITS, [*TINY_TEACHER, "optim.epochs=1"])
 
 
 def test_resume_in_a_process_that_used_another_experiment(store: str):
@@ -159,4 +185,9 @@ def test_resume_in_a_process_that_used_another_experiment(store: str):
     resumed = train_teacher.run(config.load(DIGITS, [*overrides, "experiment=resume-elsewhere-a"]),
                                 resume_run_id=interrupted.info.run_id)
     assert resumed == interrupted.info.run_id
-    assert client.get_run(resumed).info.status == "FINISHED"
+    run = client.get_run(resumed)
+    assert run.info.status == "FINISHED"
+    # the run stays in its own experiment, and the other experiment holds only its own run
+    assert run.info.experiment_id == client.get_experiment_by_name("resume-elsewhere-a").experiment_id
+    assert len(client.search_runs([client.get_experiment_by_name("resume-elsewhere-b").experiment_id])) == 1
+    assert [m.step for m in client.get_metric_history(resumed, "train/loss")] == [0, 1, 2]

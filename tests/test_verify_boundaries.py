@@ -141,6 +141,7 @@ print(released, flush=True)
 """
 
 
+@pytest.mark.slow  # a process holds the claim for a second while verify-cache waits
 def test_verify_waits_for_the_process_holding_the_cache_claim(tmp_path: Path, teacher: str,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     run_id, _, _ = _cache(tmp_path, teacher, seed=3)

@@ -108,6 +108,7 @@ def build(
         return BuildStats(0, 0, 0, time.perf_counter() - start_time, 0.0, batch_size)
     if group.attrs.get("complete"):
         group.update_attributes({"complete": False})  # contents change: completeness needs a new verification
+    _remove_dead_writes(Path(path), todo)
     source = _PriorSource(prior, group, dataset) if prior is not None else None
     runner = _ChunkRunner(model, dataset, device, amp_dtype, _TORCH_DTYPES[dtype], output_shape, batch_size)
     rewrite = dataset if force_chunks else None  # a repaired chunk may have lost its ids or labels too
@@ -115,6 +116,17 @@ def build(
     seconds = time.perf_counter() - start_time
     computed = total - copied
     return BuildStats(computed, copied, len(todo), seconds, computed / seconds if computed else 0.0, runner.batch_size)
+
+
+def _remove_dead_writes(path: Path, chunks: list[int]) -> None:
+    """Delete the temporary files a killed write left for these chunks (zarr writes `<key>.<uuid>.partial`, then
+    renames it): they are about to be written again by this call, which owns them, and must not ship with the store.
+    Other writers' chunks are left alone."""
+    for c in chunks:
+        for folder in (path / "logits" / "c" / str(c), path / "chunk_done" / "c"):
+            pattern = "**/*.partial" if folder.name == str(c) else f"{c}.*.partial"
+            for dead in folder.glob(pattern) if folder.is_dir() else ():
+                dead.unlink(missing_ok=True)
 
 
 def _fill_chunks(group: zarr.Group, todo: list[int], runner: _ChunkRunner, source: _PriorSource | None,

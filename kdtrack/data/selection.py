@@ -52,7 +52,12 @@ def distillation_rows(full: IndexedDataset, splits: Sequence[str], allow: Sequen
         if not path.name.endswith(SUFFIX):
             raise DataError(f"split file {path} is not named <split>{SUFFIX}", f"rename it, e.g. tunev{SUFFIX}")
         rows = read_index_file(path, len(full))
-        parts.append(full.take(np.sort(rows)).with_splits(np.full(len(rows), path.name[: -len(SUFFIX)])))
+        name, taken = path.name[: -len(SUFFIX)], full.take(np.sort(rows))
+        if name not in allow or name in DISTILL_SPLITS:
+            # A file's name does not make held-out rows cacheable (a train_indices.json listing test rows): each row
+            # answers for the split it has, unless the file's own held-out name was allowed explicitly.
+            _guard(taken, allow, f" (listed in {path})")
+        parts.append(taken.with_splits(np.full(len(rows), name)))
     if not parts or sum(map(len, parts)) == 0:
         raise DataError(f"no rows to cache: splits {list(splits)} are empty in this {full.source} dataset",
                         f"choose from the splits present: {', '.join(sorted(present))}")
@@ -61,12 +66,12 @@ def distillation_rows(full: IndexedDataset, splits: Sequence[str], allow: Sequen
     return chosen
 
 
-def _guard(ds: IndexedDataset, allow: Sequence[str]) -> None:
+def _guard(ds: IndexedDataset, allow: Sequence[str], where: str = "") -> None:
     for split in dict.fromkeys(ds.splits.tolist()):
         if split not in DISTILL_SPLITS and split not in allow:
             sample = ds.sample_ids[int(np.flatnonzero(ds.splits == split)[0])]
             raise LeakageError(
-                f"sample {sample} is in split {split!r}, which is held out from distillation",
+                f"sample {sample} is in split {split!r}, which is held out from distillation{where}",
                 f"cache only {' and '.join(DISTILL_SPLITS)} rows, or allow it explicitly with --allow-split {split}",
             )
 
