@@ -115,7 +115,7 @@ def test_force_reruns_from_that_step(first_pipeline: str):
 @pytest.mark.slow  # a sweep of student trainings, then its rerun (~4 s on 2 cores)
 def test_sweep_skips_finished_and_reruns_failed(store: str, monkeypatch: pytest.MonkeyPatch):
     args = ["sweep", "--config", str(DIGITS), "--grid", "kd.alpha=0.5,0.9", "--seeds", "0,1",
-            *[a for s in (*TINY, "experiment=sweep") for a in ("--set", s)]]
+            *[a for s in (*TINY, "model.hidden=[28]", "experiment=sweep") for a in ("--set", s)]]
     original = train_student.run
 
     def fail_alpha_09(cfg, teachers, **kwargs):
