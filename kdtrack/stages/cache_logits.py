@@ -24,6 +24,8 @@ from kdtrack.teachers import Teacher, check_fits, load_teacher
 
 STAGE = "cache"
 ARTIFACT = "logits.zarr"
+# What a cache run's tags claim about its store, each equal to the store attribute of the same name.
+STORE_TAGS = ("cache_key", "teacher_run_id", "checkpoint_sha256", "dataset_digest")
 T = tracking.TAG
 
 
@@ -125,9 +127,7 @@ def store_problem(run, expect: dict[str, str] | None = None, path: Path | None =
     except KdtrackError as exc:
         return f"the store of cache run {rid} cannot be opened: {exc.what}"
     attrs = dict(store.attrs)
-    claimed = {"cache_key": tags.get(f"{T}cache_key"), "teacher_run_id": tags.get(f"{T}teacher_run_id"),
-              "checkpoint_sha256": tags.get(f"{T}checkpoint_sha256"),
-              "dataset_digest": tags.get(f"{T}dataset_digest"), **(expect or {})}
+    claimed = {**{name: tags.get(f"{T}{name}") for name in STORE_TAGS}, **(expect or {})}
     for name, want in claimed.items():
         if str(attrs.get(name)) != str(want):
             return (f"the store of cache run {rid} has {name}={tracking.short(str(attrs.get(name)))}, "

@@ -70,15 +70,15 @@ def _train(cfg: Config, teacher_run_ids: list[str], device: torch.device, build_
                                       description=_describe(cfg, spec.name, teachers, train), expect=expect)
                    if lead else contextlib.nullcontext())
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        if resume_run_id and lead:
-            fetch_checkpoints(resume_run_id, Path(tmp))  # checked before the run is written to
+        # checked before the run is written to (the other ranks, which write nothing, fetch in saver.resume)
+        fetched = fetch_checkpoints(resume_run_id, Path(tmp)) if resume_run_id and lead else None
         tracked = stack.enter_context(tracked_run)
         if lead:
             _log_inputs(tracked, cfg, teacher_run_ids, digest, spec.name, train, distill, resumed=bool(resume_run_id))
         saver = Saver(tracked, Path(tmp), model=model, spec=spec.to_dict(), norm=norm.to_dict(), optimizer=optimizer,
                       scheduler=scheduler, scaler=scaler, cfg=config.to_dict(cfg), modules=distill.modules,
                       metric_sources=[distill.loss.pop_stats] if hasattr(distill.loss, "pop_stats") else [])
-        start_epoch = saver.resume(resume_run_id) if resume_run_id else 0  # every rank restores the same state
+        start_epoch = saver.resume(resume_run_id, fetched) if resume_run_id else 0  # every rank restores the same state
         for module in distill.modules.values():
             distributed.average_gradients(module)
         engine.fit(distributed.wrap(model, device), loaders["train"], optimizer, loss_fn=distill.loss,

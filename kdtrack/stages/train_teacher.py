@@ -36,8 +36,8 @@ def run(cfg: Config, resume_run_id: str | None = None) -> str:
                    f"dataset {digest[:12]}), {cfg.optim.epochs} epochs.")
     run_name = f"teacher-{spec.name}-{full.source}"
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        if resume_run_id:
-            fetch_checkpoints(resume_run_id, Path(tmp))  # checked before the run is written to
+        # checked before the run is written to
+        fetched = fetch_checkpoints(resume_run_id, Path(tmp)) if resume_run_id else None
         tracked = stack.enter_context(tracking.stage_run(
             STAGE, cfg, run_name=run_name, description=description, resume_run_id=resume_run_id,
             expect={f"{tracking.TAG}dataset_digest": digest}))
@@ -47,7 +47,7 @@ def run(cfg: Config, resume_run_id: str | None = None) -> str:
             _log_dataset(tracked, full, digest)
         saver = Saver(tracked, Path(tmp), model=model, spec=spec.to_dict(), norm=norm.to_dict(),
                        optimizer=optimizer, scheduler=scheduler, scaler=scaler, cfg=config.to_dict(cfg))
-        start_epoch = saver.resume(resume_run_id) if resume_run_id else 0
+        start_epoch = saver.resume(resume_run_id, fetched) if resume_run_id else 0
         engine.fit(model, loaders["train"], optimizer, loss_fn=engine.SupervisedLoss(cfg.train.label_smoothing),
                    epochs=cfg.optim.epochs, device=device, scheduler=scheduler, val_loader=loaders.get("val"),
                    start_epoch=start_epoch, scaler=scaler, amp_dtype=amp, seed=cfg.seed,

@@ -43,7 +43,7 @@ def progress_enabled(mode: str) -> bool:
 def fetch_checkpoints(run_id: str, workdir: Path) -> dict[str, str]:
     """Download `last.pt` and `best.pt` of run `run_id` into `workdir`, refusing either unless its weights hash is
     the one the run recorded writing it (or, after a crash between recording and uploading, the one before). Returns
-    hash tag -> the hash of the file. Called before a resumed run is written to, and again by `Saver.resume`."""
+    hash tag -> the hash of the file, for `Saver.resume`. Called before a resumed run is written to."""
     run = tracking.get_run(run_id)
     recorded = {}
     for name, tag in HASH_TAGS.items():
@@ -107,10 +107,11 @@ class Saver:
             checkpoint.save(self.workdir / f"{name}.pt", payload)
             self.tracked.log_artifact(self.workdir / f"{name}.pt", "checkpoints")
 
-    def resume(self, run_id: str) -> int:
+    def resume(self, run_id: str, fetched: dict[str, str] | None = None) -> int:
         """Restore model, modules, optimizer, scheduler and scaler from the run's `last.pt`; return the next epoch.
-        Both checkpoints must be the ones the run recorded writing."""
-        self.recorded = fetch_checkpoints(run_id, self.workdir)
+        Both checkpoints must be the ones the run recorded writing: `fetched` is what `fetch_checkpoints` returned
+        for this workdir (before the run was written to); without it they are fetched and checked here."""
+        self.recorded = fetched if fetched is not None else fetch_checkpoints(run_id, self.workdir)
         if self.tracked is not None:  # after a crash between a hash and its upload, the tag names the file again
             self.tracked.set_tags(self.recorded)
         payload = checkpoint.load(self.workdir / "last.pt")

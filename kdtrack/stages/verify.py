@@ -11,11 +11,10 @@ import zarr
 from kdtrack import cache, config, engine, tracking
 from kdtrack.data import dataset_digest
 from kdtrack.errors import BadInput, CacheError, TrackingError
-from kdtrack.stages.cache_logits import ARTIFACT, STAGE, cache_claim, cache_rows, upload_store
+from kdtrack.stages.cache_logits import ARTIFACT, STAGE, STORE_TAGS, cache_claim, cache_rows, upload_store
 from kdtrack.teachers import load_teacher
 
 T = tracking.TAG
-_CLAIMED = ("cache_key", "teacher_run_id", "checkpoint_sha256", "dataset_digest")  # tags the store must agree with
 
 
 @dataclass
@@ -96,7 +95,7 @@ def _verify(run_id: str, tags: dict[str, str], path: Path, store: zarr.Group, *,
 def _tag_mismatches(tags: dict[str, str], store: zarr.Group) -> list[str]:
     """The run's tags against the store's attributes: a store that is not the one its run describes fails."""
     out = []
-    for name in _CLAIMED:
+    for name in STORE_TAGS:
         tagged, stored = tags.get(f"{T}{name}"), store.attrs.get(name)
         if tagged is not None and str(stored) != tagged:
             out.append(f"the store's {name} is {str(stored)[:12]}, the run's tag {T}{name} is {tagged[:12]}")
