@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "experiments" / "digits.yaml"
@@ -167,6 +168,15 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: flo
         except OSError:
             time.sleep(0.3)
     raise RuntimeError(f"mlflow server not healthy after {timeout}s:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny convs: extra intra-op threads only add spin-waits, badly so on a shared, busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -37,14 +37,17 @@ class Ctx:
     tmp: Path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once, whatever order the tests run in
 def ctx(digits_teacher: str, tmp_path_factory: pytest.TempPathFactory) -> Ctx:
     victim = train_teacher.run(config.load(DIGITS, [*TINY_TEACHER, "optim.epochs=1", f"experiment={EXPERIMENT}"]))
     code, out, err = cli("cache-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
                           "--set", f"experiment={EXPERIMENT}")
     assert code == 0, err
     client = MlflowClient()
-    plain = client.create_run(client.create_experiment(f"{EXPERIMENT}-plain")).info.run_id
+    # the module's fixtures run again when its tests are interleaved with others' (mutmut orders tests by time)
+    found = client.get_experiment_by_name(f"{EXPERIMENT}-plain")
+    plain_experiment = found.experiment_id if found else client.create_experiment(f"{EXPERIMENT}-plain")
+    plain = client.create_run(plain_experiment).info.run_id
     client.set_terminated(plain, "FINISHED")
     return Ctx(digits_teacher, victim, out.strip(), plain, tmp_path_factory.mktemp("bad"))
 
@@ -351,9 +354,16 @@ def _complete_caches() -> tuple[set[str], set[Path]]:
     """Cache runs tagged complete, and logits.zarr stores whose attributes say complete, in the whole store."""
     runs = {r.info.run_id for r in tracking.find_runs({"kdtrack.complete": "true"},
                                                       statuses=("RUNNING", "FINISHED", "FAILED", "KILLED"))}
-    stores = {p.parent for p in Path.cwd().rglob("logits.zarr/zarr.json")
-              if json.loads(p.read_text()).get("attributes", {}).get("complete") is True}
+    stores = {p.parent for p in Path.cwd().rglob("logits.zarr/zarr.json") if _says_complete(p)}
     return runs, stores
+
+
+def _says_complete(metadata: Path) -> bool:
+    """A store's zarr.json says complete (other tests leave torn ones behind in the session's folder)."""
+    try:
+        return json.loads(metadata.read_text()).get("attributes", {}).get("complete") is True
+    except ValueError:
+        return False
 
 
 def _running() -> list[str]:
@@ -507,3 +517,17 @@ def test_verify_cache_after_the_data_changed(ctx: Ctx):
     _assert_one_line_error(err, f"cache run {run_id} failed verification")
     assert MlflowClient().get_run(run_id).data.tags["kdtrack.complete"] == "false"
     assert _running() == []
+
+
+@pytest.mark.parametrize(("kwargs", "text"), [
+    ({"loss_type": "l2"}, "unknown loss_type 'l2' — use one of: kldiv, soft_ce"),
+    ({"reduction": "avg"}, "unknown reduction 'avg' — use one of: batchmean, mean, sum, none"),
+])
+def test_kd_loss_called_directly_names_the_bad_option(kwargs: dict, text: str):
+    from kdtrack.errors import ConfigError
+    from kdtrack.losses import kd_loss
+
+    logits = torch.zeros(2, 3)
+    with pytest.raises(ConfigError) as caught:
+        kd_loss(logits, logits, 4.0, **kwargs)
+    assert str(caught.value) == text

@@ -35,7 +35,7 @@ def _artifact(run_id: str, path: str) -> Path:
     return tracking.local_artifact_dir(run_id) / path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once, whatever order the tests run in
 def chain(digits_teacher: str) -> dict[str, str]:
     """A finished teacher, cache and KD student."""
     cfg = config.load(DIGITS, [*STUDENT, "experiment=boundaries"])
@@ -73,7 +73,10 @@ def test_a_stale_mlflow_run_id_is_never_adopted(chain: dict[str, str], monkeypat
     monkeypatch.setenv("MLFLOW_RUN_ID", chain["teacher"])  # a reused cache notes itself only on its own launcher
     code, out, err = cli("cache-logits", "--teacher-run-id", chain["teacher"], "--config", str(DIGITS),
                          *set_args(*STUDENT, "experiment=boundaries"))
-    assert code == 0 and out.strip() == chain["cache"] and "reusing cache run" in err, err
+    assert code == 0 and f"reusing cache run {out.strip()}" in err, err
+    reused, built = (MlflowClient().get_run(r) for r in (out.strip(), chain["cache"]))  # any finished cache of the key
+    assert reused.info.status == "FINISHED"
+    assert reused.data.tags["kdtrack.cache_key"] == built.data.tags["kdtrack.cache_key"]
     assert _snapshot(chain["teacher"]) == before
 
 

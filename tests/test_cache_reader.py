@@ -27,11 +27,13 @@ def write_store(path: Path, logits: np.ndarray, chunk_rows: int = CHUNK, **attrs
     arr = group.create_array("logits", shape=logits.shape, chunks=(chunk_rows, *logits.shape[1:]),
                              dtype=logits.dtype, compressors=[zarr.codecs.Crc32cCodec()], fill_value=np.nan)
     arr[:] = logits
-    group.create_array("sample_ids", shape=(n,), chunks=(n,), dtype=str)[:] = np.array([f"s/{i}" for i in range(n)])
+    group.create_array("sample_ids", shape=(n,), chunks=(n,), dtype=str,
+                       compressors=[zarr.codecs.Crc32cCodec()])[:] = np.array([f"s/{i}" for i in range(n)])
     group.create_array("labels", shape=(n,), chunks=(n,), dtype="int64",
                        compressors=[zarr.codecs.Crc32cCodec()])[:] = np.arange(n) % 5
     num_chunks = math.ceil(n / chunk_rows)
-    group.create_array("chunk_done", shape=(num_chunks,), chunks=(num_chunks,), dtype=bool)[:] = True
+    group.create_array("chunk_done", shape=(num_chunks,), chunks=(num_chunks,), dtype=bool,
+                       compressors=[zarr.codecs.Crc32cCodec()])[:] = True
     group.attrs.update({
         "format": "kdtrack.logits/1", "dataset_digest": DIGEST, "cache_key": "k", "teacher_run_id": "teach01",
         "checkpoint_sha256": "f" * 64, "num_classes": logits.shape[1] if logits.ndim == 2 else None,
@@ -55,6 +57,16 @@ def budget_for_chunks(k: int, row_nbytes: int = C * 2) -> int:
     return k * CHUNK * row_nbytes + 1
 
 
+def flip_byte(path: Path, offset: int = 0) -> None:
+    """Flip one bit of a stored object, so its CRC32C no longer matches."""
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+VERIFY_HINT = "run: kdtrack verify-cache --run-id <cache run id> --repair (the cache of teacher run teach01)"
+
+
 @pytest.fixture()
 def store16(tmp_path: Path) -> tuple[Path, np.ndarray]:
     logits = stored_logits()
@@ -71,7 +83,37 @@ def test_in_memory_lookup_returns_stored_values_as_float32(store16):
     for request in (rows, rows.numpy(), rows.tolist(), rows.to(torch.int32)):
         got = table[request]
         assert got.dtype == torch.float32 and torch.equal(got, expected)
+    grid = np.array([[1, 999], [500, 2]])  # any index shape: the result keeps it, each cell its own row
+    for request in (grid, torch.from_numpy(grid).to(torch.int32)):
+        assert torch.equal(table[request], torch.from_numpy(logits[grid].astype(np.float32)))
+    assert table.max_resident_chunks == NUM_CHUNKS and table.chunk_loads == NUM_CHUNKS  # read once, at open
+    assert table.labels.dtype == np.int64
     np.testing.assert_array_equal(table.labels, np.arange(N) % 5)
+
+
+def test_to_moves_an_in_memory_table_to_the_device(store16):
+    """An in-memory table moved with .to() serves lookups on that device; a chunked one stays on the host."""
+    path, logits = store16
+    table = LogitTable.open(path).to(torch.device("meta"))  # a device with no data, available on every machine
+    got = table[torch.tensor([3, 999], device="meta")]
+    assert got.device.type == "meta" and got.dtype == torch.float32 and got.shape == (2, C)
+    chunked = LogitTable.open(path, memory_budget_bytes=budget_for_chunks(2))
+    assert chunked.to(torch.device("cpu")) is chunked  # chunks stay on the host
+    assert torch.equal(chunked[[3, 999]], torch.from_numpy(logits[[3, 999]].astype(np.float32)))
+
+
+@pytest.mark.parametrize(("budget", "in_memory", "resident"), [
+    (N * C * 2, True, NUM_CHUNKS),  # exactly the logits: in memory
+    (N * C * 2 - 1, False, 15),
+    (CHUNK * C * 2, False, 1),  # exactly one chunk: the smallest usable budget
+])
+def test_memory_budget_boundaries(store16, budget, in_memory, resident):
+    """A budget of exactly the logits keeps them in RAM; one byte less, or one chunk, reads by chunks."""
+    path, logits = store16
+    table = LogitTable.open(path, memory_budget_bytes=budget)
+    assert table.in_memory == in_memory and table.max_resident_chunks == resident
+    rows = [0, 999, 64, 1]
+    assert torch.equal(table[rows], torch.from_numpy(logits[rows].astype(np.float32)))
 
 
 def test_permuted_subset_dataset_gets_each_rows_own_logits(store16):
@@ -85,14 +127,63 @@ def test_permuted_subset_dataset_gets_each_rows_own_logits(store16):
         np.testing.assert_array_equal(table[rows].numpy(), logits[cache_rows[rows]].astype(np.float32))
         np.testing.assert_array_equal(table.labels, cache_rows % 5)
         np.testing.assert_array_equal(table.chunk_of(np.arange(300)), cache_rows // CHUNK)
+        assert table.chunk_of([]).tolist() == []  # an empty batch touches no chunk
 
 
 def test_dataset_sample_missing_from_cache_is_named(store16):
     path, _ = store16
     ds = dataset_with_ids(["s/3", "ghost/7", "s/9", "ghost/8"])
-    with pytest.raises(CacheError, match=r"2 of 4 dataset samples.*'ghost/7', 'ghost/8'") as err:
+    with pytest.raises(CacheError) as err:
         LogitTable.open(path, ds)
-    assert "kdtrack cache-logits --teacher-run-id teach01" in str(err.value)
+    assert err.value.what == f"2 of 4 dataset samples are not in the cache {path}, e.g. 'ghost/7', 'ghost/8'"
+    assert "kdtrack cache-logits --teacher-run-id teach01" in err.value.fix
+
+
+def test_dataset_of_the_first_cache_rows_reads_only_their_chunk(store16):
+    """Aligning to a subset reads only the chunks its rows live in."""
+    path, logits = store16
+    table = LogitTable.open(path, dataset_with_ids([f"s/{i}" for i in range(C)]))  # as many rows as classes
+    assert table.chunk_loads == 1 and torch.equal(table[np.arange(C)], torch.from_numpy(logits[:C]).float())
+    table = LogitTable.open(path, dataset_with_ids(["s/130", "s/5", "s/140"]))  # chunks 2 and 0 only
+    assert table.chunk_loads == 2 and torch.equal(table[[0, 1, 2]], torch.from_numpy(logits[[130, 5, 140]]).float())
+
+
+def numbered_hash(offset: int):
+    """A hash that orders ids by their number, `offset` + i for `<anything>/<i>`: placement is predictable."""
+    return lambda s: offset + int(s.rsplit("/", 1)[1])
+
+
+@pytest.mark.parametrize("offset", [0, 2**60])  # 2**60 + i: neighbours that float64 cannot tell apart
+def test_alignment_at_both_ends_of_the_sorted_ids(store16, monkeypatch, offset):
+    """Ids hashing before, after or between the cached ones are missing; the extreme cached ones are found."""
+    path, logits = store16
+    monkeypatch.setattr(reader, "hash", numbered_hash(offset), raising=False)
+    ids = [999, 0, 5, 998, 1]
+    table = LogitTable.open(path, dataset_with_ids([f"s/{i}" for i in ids]))
+    assert torch.equal(table[np.arange(5)], torch.from_numpy(logits[ids]).float())
+    for ghost in ("ghost/5000", "ghost/-1", "ghost/500"):  # after the last, before the first, between
+        with pytest.raises(CacheError, match=f"1 of 2 dataset samples.*'{ghost}'"):
+            LogitTable.open(path, dataset_with_ids(["s/999", ghost]))
+
+
+def test_alignment_with_one_and_with_no_cached_rows(tmp_path, monkeypatch):
+    """A one-row or empty store aligns or names the missing samples instead of failing on indexing."""
+    monkeypatch.setattr(reader, "hash", numbered_hash(0), raising=False)
+    one = write_store(tmp_path / "one.zarr", stored_logits(shape=(1, C)))
+    assert LogitTable.open(one, dataset_with_ids(["s/0"])).num_rows == 1
+    with pytest.raises(CacheError, match="1 of 1 dataset samples.*'ghost/5'"):
+        LogitTable.open(one, dataset_with_ids(["ghost/5"]))
+    empty = write_store(tmp_path / "empty.zarr", stored_logits(shape=(0, C)))
+    with pytest.raises(CacheError, match="2 of 2 dataset samples.*'s/0', 's/1'"):
+        LogitTable.open(empty, dataset_with_ids(["s/0", "s/1"]))
+
+
+def test_store_holding_an_id_twice_is_refused(store16):
+    """A store that holds one sample id twice cannot be aligned."""
+    path, _ = store16
+    zarr.open_array(path / "sample_ids", mode="r+")[7] = "s/4"
+    with pytest.raises(CacheError, match="1 duplicate ids"):
+        LogitTable.open(path, dataset_with_ids(["s/4"]))
 
 
 def test_hash_collisions_never_misalign(store16, monkeypatch):
@@ -105,6 +196,8 @@ def test_hash_collisions_never_misalign(store16, monkeypatch):
     monkeypatch.setattr(reader, "hash", lambda s: 1, raising=False)
     table = LogitTable.open(path, dataset_with_ids(["s/900", "s/4"]))
     np.testing.assert_array_equal(table[[0, 1]].numpy(), logits[[900, 4]].astype(np.float32))
+    with pytest.raises(CacheError, match="1 of 3 dataset samples.*'ghost/1'"):
+        LogitTable.open(path, dataset_with_ids(["s/900", "ghost/1", "s/4"]))
     zarr.open_array(path / "sample_ids", mode="r+")[7] = "s/4"
     with pytest.raises(CacheError, match="1 duplicate ids"):
         LogitTable.open(path, dataset_with_ids(["s/4"]))
@@ -113,17 +206,88 @@ def test_hash_collisions_never_misalign(store16, monkeypatch):
 def test_incomplete_store_is_refused_unless_allowed(tmp_path):
     logits = stored_logits()
     path = write_store(tmp_path / "logits.zarr", logits, complete=False)
-    with pytest.raises(CacheError, match="incomplete") as err:
+    with pytest.raises(CacheError) as err:
         LogitTable.open(path)
-    assert "kdtrack cache-logits" in err.value.fix and "kdtrack verify-cache --run-id" in err.value.fix
+    assert err.value.what == f"the cache {path} is incomplete (not every chunk is written and verified)"
+    assert "kdtrack cache-logits --teacher-run-id teach01" in err.value.fix
+    assert "kdtrack verify-cache --run-id" in err.value.fix
     assert torch.equal(LogitTable.open(path, require_complete=False)[[5]], torch.from_numpy(logits[[5]]).float())
+
+
+def test_unfinished_chunk_of_an_incomplete_store_reads_as_nan(tmp_path):
+    """With require_complete=False an unwritten chunk reads as NaN, not as an error."""
+    logits = stored_logits()
+    path = write_store(tmp_path / "logits.zarr", logits, complete=False)
+    zarr.open_array(path / "chunk_done", mode="r+")[2] = False
+    (path / "logits" / "c" / "2" / "0").unlink()  # never written
+    for budget in (2 * 1024**3, budget_for_chunks(2)):
+        got = LogitTable.open(path, require_complete=False, memory_budget_bytes=budget)[[2 * CHUNK, 5]]
+        assert torch.isnan(got[0]).all() and torch.equal(got[1], torch.from_numpy(logits[5]).float())
 
 
 def test_complete_store_with_unfinished_chunk_is_refused(tmp_path):
     path = write_store(tmp_path / "logits.zarr", stored_logits())
     zarr.open_array(path / "chunk_done", mode="r+")[4] = False
-    with pytest.raises(CacheError, match="unfinished chunks"):
+    with pytest.raises(CacheError) as err:
         LogitTable.open(path)
+    assert err.value.what == (f"the cache {path} is inconsistent: "
+                              "it is marked complete but chunk_done has unfinished chunks")
+    assert err.value.fix == VERIFY_HINT
+
+
+def replace_array(path: Path, name: str, shape: tuple[int, ...], dtype: str = "float32") -> None:
+    chunks = (CHUNK, *shape[1:]) if shape else ()
+    zarr.open_group(path, mode="r+").create_array(name, shape=shape, chunks=chunks, dtype=dtype, overwrite=True)
+
+
+@pytest.mark.parametrize(("damage", "problems"), [
+    (lambda p: replace_array(p, "logits", (N, C), "int32"),
+     "logits are int32 (1000, 7), need float16/float32 (N, *output_shape)"),
+    (lambda p: replace_array(p, "logits", (N,)),
+     "logits are float32 (1000,), need float16/float32 (N, *output_shape); "
+     "attribute output_shape=[7] but the arrays say []"),
+    (lambda p: replace_array(p, "logits", ()),
+     "logits are float32 (), need float16/float32 (N, *output_shape); sample_ids has shape (1000,), need (0,); "
+     "labels has shape (1000,), need (0,); attribute num_rows=1000 but the arrays say 0; "
+     "attribute chunk_rows=64 but the arrays say 0; attribute output_shape=[7] but the arrays say []"),
+    (lambda p: replace_array(p, "sample_ids", (N - 1,), "str"), "sample_ids has shape (999,), need (1000,)"),
+    (lambda p: replace_array(p, "labels", (N + 1,), "int64"), "labels has shape (1001,), need (1000,)"),
+    (lambda p: replace_array(p, "chunk_done", (NUM_CHUNKS - 1,), "bool"),
+     "chunk_done has shape (15,) for 1000 rows in chunks of 64"),
+    (lambda p: zarr.open_group(p, mode="r+").attrs.update({"num_rows": 999}),
+     "attribute num_rows=999 but the arrays say 1000"),
+    (lambda p: zarr.open_group(p, mode="r+").attrs.update({"chunk_rows": 32}),
+     "attribute chunk_rows=32 but the arrays say 64"),
+    (lambda p: zarr.open_group(p, mode="r+").attrs.update({"output_shape": [8]}),
+     "attribute output_shape=[8] but the arrays say [7]"),
+])
+def test_inconsistent_layout_is_refused_with_every_problem(store16, damage, problems):
+    """Arrays that disagree with each other or with the attributes are refused, every problem named."""
+    path, _ = store16
+    damage(path)
+    for require_complete in (True, False):
+        with pytest.raises(CacheError) as err:
+            LogitTable.open(path, require_complete=require_complete)
+        assert err.value.what == f"the cache {path} is inconsistent: {problems}"
+        assert err.value.fix == VERIFY_HINT
+
+
+def test_store_without_an_array_or_the_optional_attributes(store16):
+    """Optional attributes may be absent; a missing digest or array is refused by name."""
+    path, logits = store16
+    group = zarr.open_group(path, mode="r+")
+    for key in ("num_rows", "chunk_rows", "output_shape"):  # checked against the arrays only when present
+        del group.attrs[key]
+    assert torch.equal(LogitTable.open(path)[[3]], torch.from_numpy(logits[[3]]).float())
+    del group.attrs["dataset_digest"]
+    with pytest.raises(CacheError) as err:
+        LogitTable.open(path, expected_digest=DIGEST)
+    assert err.value.what == f"the cache {path} is for dataset , not for this dataset {DIGEST[:12]}"
+    del group["labels"]
+    with pytest.raises(CacheError) as err:
+        LogitTable.open(path)
+    assert err.value.what == f"the cache {path} has no array 'labels'"
+    assert err.value.fix == "rebuild it with kdtrack cache-logits"
 
 
 def test_digest_mismatch_names_both_digests(store16):
@@ -152,7 +316,8 @@ def test_chunked_mode_matches_in_memory_and_keeps_lru_in_budget(store16):
     rng = np.random.default_rng(4)
     for _ in range(20):
         rows = torch.from_numpy(rng.integers(0, N, 64))
-        assert torch.equal(chunked[rows], memory[rows])
+        got = chunked[rows]
+        assert got.dtype == torch.float32 and torch.equal(got, memory[rows])
         assert 0 < chunked.resident_nbytes < budget
     grid = np.array([[1, 999], [500, 2]])  # any index shape: the result keeps it, each cell its own row
     assert torch.equal(chunked[grid], torch.from_numpy(logits[grid].astype(np.float32)))
@@ -190,6 +355,40 @@ def test_sampler_keeps_each_chunk_within_one_window(store16):
     assert len(windows_seen) <= 3 and not np.array_equal(order[:CHUNK], np.arange(CHUNK))
 
 
+def reference_order(chunk_of_rows: np.ndarray, window_chunks: int, entropy: list[int]) -> np.ndarray:
+    """The documented epoch order for chunks 0..K-1: a seeded chunk ranking cut into windows, rows shuffled inside."""
+    rng = np.random.default_rng(np.random.SeedSequence(entropy))
+    chunk_rank = rng.permutation(chunk_of_rows.max() + 1)
+    return np.argsort(chunk_rank[chunk_of_rows] // window_chunks + rng.random(len(chunk_of_rows)))
+
+
+@pytest.mark.parametrize(("seed", "epoch", "entropy"), [
+    (5, None, [5, 0]),  # before any set_epoch the sampler yields epoch 0
+    (5, 3, [5, 3]),
+    (-1, -2, [2**64 - 1, 2**64 - 2]),  # any Python int works: seed and epoch are taken modulo 2**64
+])
+def test_sampler_order_depends_only_on_seed_and_epoch(seed, epoch, entropy):
+    """The epoch order is fixed by (seed mod 2**64, epoch mod 2**64); epoch 0 before any set_epoch."""
+    chunk_of_rows = np.arange(N) // CHUNK
+    sampler = ChunkAwareSampler(chunk_of_rows, seed=seed, window_chunks=3)
+    if epoch is not None:
+        sampler.set_epoch(epoch)
+    np.testing.assert_array_equal(sampler.permutation().numpy(), reference_order(chunk_of_rows, 3, entropy))
+
+
+def test_sampler_window_sizes(tmp_path):
+    """A one-chunk window visits chunks one at a time; zero is refused; in memory the window is 4."""
+    chunk_of_rows = np.arange(N) // CHUNK
+    order = ChunkAwareSampler(chunk_of_rows, seed=2, window_chunks=1).permutation().numpy()
+    visited = chunk_of_rows[order]
+    assert np.count_nonzero(visited[1:] != visited[:-1]) == NUM_CHUNKS - 1  # one window per chunk: each read once
+    with pytest.raises(ValueError, match="window_chunks is 0; use a positive number of chunks"):
+        ChunkAwareSampler(chunk_of_rows, seed=2, window_chunks=0)
+    # an in-memory table reads no chunks, so its window stays the default even with fewer chunks than that
+    path = write_store(tmp_path / "two_chunks.zarr", stored_logits(shape=(100, C)))
+    assert ChunkAwareSampler(LogitTable.open(path), seed=2).window_chunks == 4
+
+
 def test_chunk_aware_epoch_reads_each_chunk_once(store16):
     path, logits = store16
     table = LogitTable.open(path, memory_budget_bytes=budget_for_chunks(2))
@@ -208,28 +407,30 @@ def test_corrupted_chunk_is_named(store16):
     chunk_file.write_bytes(bytes(raw))
     table = LogitTable.open(path, memory_budget_bytes=budget_for_chunks(2))
     assert torch.equal(table[[0, 1]], torch.from_numpy(logits[[0, 1]].astype(np.float32)))  # other chunks still read
-    with pytest.raises(CacheError, match="chunk 5 of") as err:
+    with pytest.raises(CacheError, match=f"^chunk 5 of {path}/logits is corrupt") as err:
         table[[3, 5 * CHUNK + 1]]
-    assert "kdtrack verify-cache --run-id" in err.value.fix and "--repair" in err.value.fix
-    with pytest.raises(CacheError, match="chunk 5 of"):
+    assert err.value.fix == VERIFY_HINT
+    with pytest.raises(CacheError, match=f"^chunk 5 of {path}/logits is corrupt"):
         LogitTable.open(path)  # in memory: caught while loading
 
 
-def test_corrupted_labels_are_a_cache_error(store16):
+@pytest.mark.parametrize(("name", "require_complete"), [
+    ("labels", True), ("chunk_done", True), ("chunk_done", False), ("sample_ids", True)])
+def test_corrupted_ids_labels_or_flags_are_a_cache_error(store16, name, require_complete):
+    """A checksum failure in ids, labels or done flags is a CacheError naming the array."""
     path, _ = store16
-    label_file = path / "labels" / "c" / "0"
-    raw = bytearray(label_file.read_bytes())
-    raw[0] ^= 0x01
-    label_file.write_bytes(bytes(raw))
-    with pytest.raises(CacheError, match="labels is corrupt"):
-        LogitTable.open(path)
+    flip_byte(path / name / "c" / "0")
+    with pytest.raises(CacheError, match=f"^{path}/{name} is corrupt") as err:
+        LogitTable.open(path, dataset_with_ids(["s/1"]), require_complete=require_complete)
+    assert err.value.fix == VERIFY_HINT
 
 
 def test_deleted_chunk_file_is_not_read_as_nan(store16):
     path, _ = store16
     (path / "logits" / "c" / "2" / "0").unlink()
-    with pytest.raises(CacheError, match="chunk 2 of .*NaN"):
+    with pytest.raises(CacheError, match=f"^chunk 2 of {path}/logits is marked done but holds NaN") as err:
         LogitTable.open(path)
+    assert err.value.fix == VERIFY_HINT
 
 
 def test_signal_shaped_outputs(tmp_path):

@@ -1,9 +1,13 @@
 """Packed stores for remote artifact stores: `pack`, and cache-logits / verify-cache over a real `mlflow server`."""
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+from importlib import import_module
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from kdtrack import checkpoint, config
 from kdtrack.cache import LogitTable, VerifyReport, build, mark_complete, open_store, pack, verify_store
+from kdtrack.cache.writer import _write_rows
 from kdtrack.cli import main
 from kdtrack.data import Normalisation, build_dataset
 from kdtrack.errors import CacheError
@@ -24,6 +29,7 @@ from kdtrack.models import ModelSpec, build_model
 
 CPU = torch.device("cpu")
 ARRAYS = ("logits", "sample_ids", "labels", "chunk_done")
+pack_module = import_module("kdtrack.cache.pack")  # the name `kdtrack.cache.pack` is the function
 N_CHUNKS = 20
 N_ROWS = N_CHUNKS * CHUNK_ROWS - 7  # a short last chunk, so the last shard is a partial edge shard
 
@@ -53,7 +59,7 @@ def flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once, whatever order the tests run in
 def unpacked(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete tiny store built in place: 20 chunks of 32 rows (the last one short), one object per chunk."""
     ds = tiny_dataset(N_ROWS)
@@ -108,6 +114,99 @@ def test_shards_hold_whole_chunks_below_the_size_limit(unpacked: Path, tmp_path:
     assert verify(packed).passed
 
 
+# Bytes a chunk of 32 rows: logits 32 x 5 x 4, labels 32 x 8, flags 1 (one row a chunk); ids "tiny/0".."tiny/632"
+# as vlen-utf8, a 4-byte length before each: (10 x 10 + 90 x 11 + 533 x 12) / 633 = 11.83 B a row, 378.4 B a chunk.
+@pytest.mark.parametrize(("shard_bytes", "rows"), [
+    (1, {"logits": 32, "labels": 32, "sample_ids": 32, "chunk_done": 1}),  # below every chunk: one chunk a shard
+    (10, {"logits": 32, "labels": 32, "sample_ids": 32, "chunk_done": 10}),  # 10 flags a shard
+    (1136, {"logits": 32, "labels": 128, "sample_ids": 96, "chunk_done": 20}),  # 4 labels, 3 ids chunks fit: 7 shards
+    (3000, {"logits": 128, "labels": 320, "sample_ids": 224, "chunk_done": 20}),  # 7 ids chunks fit: 3 shards of 7
+])
+def test_shard_rows_of_every_array(unpacked: Path, tmp_path: Path, shard_bytes: int, rows: dict[str, int]):
+    """Each array's shards hold as many whole chunks as fit in `shard_bytes` (at least one), spread evenly."""
+    packed = tmp_path / "packed.zarr"
+    pack(unpacked, packed, shard_bytes=shard_bytes)
+    group = zarr.open_group(packed, mode="r")
+    assert {name: group[name].shards[0] for name in ARRAYS} == rows
+    assert contents(packed) == contents(unpacked)
+
+
+@pytest.mark.parametrize("block", [None, 64, 1])
+def test_row_size_of_ids_is_their_mean_encoded_size(unpacked: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     block: int | None):
+    """An id row counts its UTF-8 bytes and vlen-utf8's 4-byte length, averaged over all ids whatever the read block;
+    a fixed-size row counts its item bytes."""
+    if block is not None:
+        monkeypatch.setattr(pack_module, "_ID_BLOCK", block)  # ids are read in blocks of whole chunks
+    group = zarr.open_group(unpacked, mode="r")
+    assert pack_module._row_nbytes(group["sample_ids"], unpacked) == pytest.approx((10 * 10 + 90 * 11 + 533 * 12) / 633)
+    assert [pack_module._row_nbytes(group[name], unpacked) for name in ("logits", "labels", "chunk_done")] == [20, 8, 1]
+
+
+@pytest.mark.parametrize(("id_block", "id_reads"), [
+    (None, [(0, 32 * (2**20 // 32))]),  # one read of up to ~a million rows, whole chunks
+    (1, [(s, s + 32) for s in range(0, N_ROWS, 32)]),  # a block smaller than a chunk: one chunk a read
+])
+def test_each_shard_is_read_once(unpacked: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 id_block: int | None, id_reads: list[tuple[int, int]]):
+    """Rows are copied with one read (and one assignment) per shard; the ids are read once more before, in blocks of
+    whole chunks, to measure their size."""
+    if id_block is not None:
+        monkeypatch.setattr(pack_module, "_ID_BLOCK", id_block)
+    reads = []
+    read = pack_module._read
+
+    def counting(array, start: int, stop: int, src):
+        reads.append((array.basename, start, stop))
+        return read(array, start, stop, src)
+
+    monkeypatch.setattr(pack_module, "_read", counting)
+    pack(unpacked, tmp_path / "packed.zarr", shard_bytes=3000)
+    assert sorted(reads) == sorted([
+        *[("logits", s, s + 128) for s in range(0, N_ROWS, 128)], *[("labels", s, s + 320) for s in (0, 320)],
+        *[("sample_ids", *r) for r in id_reads], *[("sample_ids", s, s + 224) for s in (0, 224, 448)],
+        ("chunk_done", 0, 20)])
+
+
+def test_a_one_chunk_store_packs_into_one_shard_of_that_chunk(tmp_path: Path):
+    """A store of one chunk gives shards of exactly that chunk, not larger than the arrays."""
+    ds = tiny_dataset(CHUNK_ROWS)
+    build(tmp_path / "one.zarr", tiny_model(), ds, attrs=tiny_attrs(ds), device=CPU, batch_size=8,
+          chunk_rows=CHUNK_ROWS, progress=False)
+    pack(tmp_path / "one.zarr", tmp_path / "packed.zarr")
+    group = zarr.open_group(tmp_path / "packed.zarr", mode="r")
+    assert [group[name].shards for name in ARRAYS] == [(CHUNK_ROWS, 5), (CHUNK_ROWS,), (CHUNK_ROWS,), (1,)]
+    np.testing.assert_array_equal(group["logits"][:], zarr.open_group(tmp_path / "one.zarr", mode="r")["logits"][:])
+
+
+def test_shards_of_fill_values_are_stored_too(tmp_path: Path):
+    """Chunks never computed (NaN logits, false flags) still get their shard objects, so a re-upload replaces them."""
+    ds = tiny_dataset(N_ROWS)
+    build(tmp_path / "empty.zarr", tiny_model(), ds, attrs=tiny_attrs(ds), device=CPU, batch_size=8,
+          chunk_rows=CHUNK_ROWS, chunks=[], progress=False)  # created, nothing computed
+    pack(tmp_path / "empty.zarr", tmp_path / "packed.zarr", shard_bytes=1)
+    assert files_under(tmp_path / "packed.zarr") == 4 * N_CHUNKS + 5
+    group = zarr.open_group(tmp_path / "packed.zarr", mode="r")
+    assert np.isnan(group["logits"][:]).all() and not group["chunk_done"][:].any()
+
+
+def test_pack_keeps_array_attributes_dimension_names_and_filters(unpacked: Path, tmp_path: Path):
+    """Array attributes, dimension names (what xarray reads) and filter codecs survive packing."""
+    source = tmp_path / "named.zarr"
+    shutil.copytree(unpacked, source)
+    meta_path = source / "logits" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["dimension_names"], meta["attributes"] = ["row", "class"], {"units": "logit"}
+    meta["codecs"].insert(0, {"name": "transpose", "configuration": {"order": [1, 0]}})  # an array-to-array filter
+    meta["codecs"][1]["configuration"] = {"endian": "big"}  # and a serializer other than zarr's default
+    meta_path.write_text(json.dumps(meta))
+    pack(source, tmp_path / "packed.zarr")
+    logits = zarr.open_group(tmp_path / "packed.zarr", mode="r")["logits"]
+    assert logits.metadata.dimension_names == ("row", "class") and logits.attrs.asdict() == {"units": "logit"}
+    assert [type(f).__name__ for f in logits.filters] == ["TransposeCodec"] and logits.serializer.endian.value == "big"
+    np.testing.assert_array_equal(logits[:], zarr.open_group(source, mode="r")["logits"][:])
+
+
 def test_one_corrupt_chunk_of_a_shard_is_repaired_alone(unpacked: Path, tmp_path: Path):
     packed = tmp_path / "packed.zarr"
     pack(unpacked, packed)
@@ -137,12 +236,64 @@ def test_a_corrupt_shard_index_is_repaired(unpacked: Path, tmp_path: Path):
     assert verify(packed).passed and contents(packed) == contents(unpacked)
 
 
-def test_pack_refuses_an_unreadable_store(unpacked: Path, tmp_path: Path):
+def test_a_corrupt_short_last_chunk_is_repaired_alone(unpacked: Path, tmp_path: Path):
+    """Writing the short last chunk makes zarr decode it, so a corrupt one fails the write; its repair keeps the
+    stored bytes of the other chunks in its shard."""
+    packed = tmp_path / "packed.zarr"
+    pack(unpacked, packed, shard_bytes=3000)  # logits shard c.4.0 holds chunks 16..19; 19 has 25 of 32 rows
+    shard = packed / "logits" / "c.4.0"
+    good = shard.read_bytes()
+    offset, nbytes = shard_index(shard, 4)[3]
+    flip(shard, int(offset + nbytes // 2))
+    assert verify(packed).chunks_to_rebuild() == [19]
+    repair(packed, [19])
+    assert shard.read_bytes() == good
+    assert verify(packed).passed and contents(packed) == contents(unpacked)
+
+
+def test_a_corrupt_labels_shard_index_is_repaired(unpacked: Path, tmp_path: Path):
+    """A one-dimensional array's shard with a corrupt index is rebuilt like the logits' one."""
+    packed = tmp_path / "packed.zarr"
+    pack(unpacked, packed, shard_bytes=3000)  # labels: 2 shards of 10 chunks
+    flip(packed / "labels" / "c.1", -10)  # inside the index of the shard of chunks 10..19
+    assert verify(packed).chunks_to_rebuild() == list(range(10, 20))
+    repair(packed, [12])  # only one of them: the others now read as removed, still named for repair
+    assert verify(packed).chunks_to_rebuild() == [10, 11, *range(13, 20)]
+    repair(packed, [10, 11, *range(13, 20)])
+    assert verify(packed).passed and contents(packed) == contents(unpacked)
+
+
+def test_a_failed_write_to_a_readable_shard_leaves_it_alone(unpacked: Path, tmp_path: Path):
+    """A write that fails while every chunk of its shard decodes is not corruption: the error is raised and the
+    shard object is not touched."""
+    packed = tmp_path / "packed.zarr"
+    pack(unpacked, packed, shard_bytes=3000)
+    shard = packed / "logits" / "c.1.0"
+    good = shard.read_bytes()
+    logits = zarr.open_group(packed, mode="r+")["logits"]
+    with pytest.raises(ValueError, match="could not broadcast"):
+        _write_rows(logits, 4 * CHUNK_ROWS, np.zeros((CHUNK_ROWS, 4), dtype=np.float32))  # 4 columns, not 5
+    assert shard.read_bytes() == good
+
+
+@pytest.mark.parametrize(("name", "rows"), [
+    ("labels", r"96\.\.127"),  # copied shard by shard: the shard of chunk 3
+    ("sample_ids", r"0\.\.632"),  # first read whole, to measure the ids' size
+])
+def test_pack_refuses_an_unreadable_store(unpacked: Path, tmp_path: Path, name: str, rows: str):
+    """A chunk that fails its checksum stops the pack with the store and rows named; the partial copy never passes
+    for a cache."""
     broken = tmp_path / "broken.zarr"
     pack(unpacked, broken, shard_bytes=1)  # one chunk per shard, like the unpacked layout
-    flip(broken / "labels" / "c.3", 5)
-    with pytest.raises(CacheError, match=r"labels rows 96\.\.127 are unreadable .* verify-cache --repair"):
+    flip(broken / name / "c.3", 5)
+    with pytest.raises(CacheError, match=rf"^cannot pack {re.escape(str(broken))}: {name} rows {rows} are "
+                                         r"unreadable .* verify-cache --repair"):
         pack(broken, tmp_path / "again.zarr", shard_bytes=1)
+    # the half-written pack has every attribute but `initialised`, which stays false: it never passes for a cache
+    attrs = dict(zarr.open_group(tmp_path / "again.zarr", mode="r").attrs)
+    assert attrs == {**dict(zarr.open_group(broken, mode="r").attrs), "initialised": False}
+    with pytest.raises(CacheError, match="never fully created"):
+        open_store(tmp_path / "again.zarr")
 
 
 def _kdtrack(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:

@@ -275,7 +275,7 @@ def _kd_cases():
         "cache-batch-size": (lambda: writer.build("unused.zarr", nn.Identity(), None, attrs={}, device=cpu,
                                                   batch_size=0), {"cache.batch_size"}),
         "cache-dtype": (lambda: writer.build("unused.zarr", nn.Identity(), None, attrs={}, device=cpu,
-                                             dtype="float64"), {"cache.dtype"}),
+                                             batch_size=8, dtype="float64"), {"cache.dtype"}),
         "loader-batch-size": (lambda: make_loader(None, 0, shuffle=False, seed=0),
                               {"data.batch_size", "data.eval_batch_size", "cache.batch_size"}),
         "split-fractions": (lambda: stratified_splits(torch.zeros(10, dtype=torch.long).numpy(), 0.6, 0.5, 0),

@@ -87,7 +87,7 @@ def manifest_cfg(path: Path, **kw: Any) -> DataConfig:
     return DataConfig(source="manifest", manifest=str(path), **kw)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once, whatever order the tests run in
 def digits() -> IndexedDataset:
     return build_dataset(DataConfig(source="digits", seed=0))
 
@@ -463,3 +463,151 @@ def test_make_loader_sequential_drop_last_and_workers() -> None:
         assert got == loader.sampler.permutation().tolist()
     with pytest.raises(DataError, match="positive batch size"):
         make_loader(ds, 0, shuffle=False, seed=0)
+
+
+# ---------------------------------------------------------------- the student view and the rows a teacher may label
+
+#            0        1        2      3       4        5        6      7       8            9       10       11
+SPLITS = ["train", "train", "val", "test", "train", "train", "val", "test", "unlabeled", "train", "train", "train"]
+LABELS = [0, 1, 0, 1, 0, 2, 1, 0, -1, 0, 0, 2]
+
+
+def _hand_dataset(splits: list[str] = SPLITS, labels: list[int] = LABELS) -> IndexedDataset:
+    n = len(splits)
+    return IndexedDataset(features=np.arange(n * 2, dtype=np.float32).reshape(n, 2), labels=np.array(labels),
+                          sample_ids=[f"s{i}" for i in range(n)], splits=np.array(splits),
+                          domains=np.array(["a", "b", "c"] * n)[:n], num_classes=3, source="hand",
+                          attributes={"site": np.arange(n) * 10}, normalisation=Normalisation(0.5, 2.0))
+
+
+def _rows_of(ds: IndexedDataset) -> list[int]:
+    return [int(i[1:]) for i in ds.sample_ids]
+
+
+def _same_rows(ds: IndexedDataset, full: IndexedDataset, rows: list[int], splits: list[str]) -> None:
+    """`ds` is exactly `rows` of `full`, in that order, with `splits` as split names; everything else is kept."""
+    assert ds.sample_ids == [f"s{r}" for r in rows]
+    np.testing.assert_array_equal(ds.features, full.features[rows])
+    np.testing.assert_array_equal(ds.labels, full.labels[rows])
+    np.testing.assert_array_equal(ds.domains, full.domains[rows])
+    assert ds.splits.tolist() == splits
+    assert list(ds.attributes) == ["site"]
+    np.testing.assert_array_equal(ds.attributes["site"], np.array(rows) * 10)
+    assert (ds.num_classes, ds.source, ds.normalisation) == (3, "hand", Normalisation(0.5, 2.0))
+
+
+def _index_file(folder: Path, name: str, rows: list[int]) -> str:
+    path = folder / name
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+def test_distillation_rows_of_named_splits_and_split_files(tmp_path: Path) -> None:
+    """Named splits keep row order; an absent default split (`unlabeled` here) is skipped; each file's rows follow
+    in ascending row order under the file's split name."""
+    from kdtrack.data import distillation_rows
+
+    full = _hand_dataset()
+    without_unlabeled = full.take(np.flatnonzero(full.splits != "unlabeled"))
+    _same_rows(distillation_rows(full, ("train",)), full, [0, 1, 4, 5, 9, 10, 11], ["train"] * 7)
+    ds = distillation_rows(without_unlabeled, ("train", "unlabeled"))
+    assert _rows_of(ds) == [0, 1, 4, 5, 9, 10, 11]
+    tune = _index_file(tmp_path, "tune_indices.json", [7, 3])  # test rows, under an explicitly allowed name
+    ds = distillation_rows(full, ("train", "unlabeled"), allow=("tune",), split_files=[tune])
+    _same_rows(ds, full, [0, 1, 4, 5, 8, 9, 10, 11, 3, 7], ["train"] * 4 + ["unlabeled"] + ["train"] * 3 + ["tune"] * 2)
+    # held-out splits named and allowed, then a file alone
+    ds = distillation_rows(full, ("val", "test"), allow=("val", "test"))
+    _same_rows(ds, full, [2, 3, 6, 7], ["val", "test", "val", "test"])
+    one = _index_file(tmp_path, "extra_indices.json", [4])
+    _same_rows(distillation_rows(full, (), allow=("extra",), split_files=[one]), full, [4], ["extra"])
+    two = _index_file(tmp_path, "unlabeled_indices.json", [10, 0])
+    _same_rows(distillation_rows(full, (), split_files=[two]), full, [0, 10], ["unlabeled", "unlabeled"])
+
+
+def test_distillation_rows_refuse_held_out_rows_naming_the_first_sample(tmp_path: Path) -> None:
+    """A held-out split, named or behind a file's name, is refused with its first sample in row order; a file named
+    after a training split answers for each row's own split even when that name is allowed."""
+    from kdtrack.data import distillation_rows
+    from kdtrack.errors import LeakageError
+
+    full = _hand_dataset()
+    hint = "cache only train and unlabeled rows, or allow it explicitly with --allow-split"
+    with pytest.raises(LeakageError, match=rf"^sample s2 is in split 'val', which is held out from distillation — "
+                                           rf"{hint} val$"):
+        distillation_rows(full, ("train", "val"))
+    with pytest.raises(LeakageError, match=rf"^sample s3 is in split 'test', which is held out from distillation — "
+                                           rf"{hint} test$"):
+        distillation_rows(full, ("train", "val", "test"), allow=("val",))
+    train_file = _index_file(tmp_path, "train_indices.json", [0, 7, 3])
+    for allow in ((), ("train",)):
+        with pytest.raises(LeakageError, match=rf"^sample s3 is in split 'test', which is held out from distillation "
+                                               rf"\(listed in {train_file}\) — {hint} test$"):
+            distillation_rows(full, ("train",), allow=allow, split_files=[train_file])
+    tune = _index_file(tmp_path, "tune_indices.json", [1, 6])
+    with pytest.raises(LeakageError, match=rf"^sample s6 is in split 'val', which is held out from distillation "
+                                           rf"\(listed in {tune}\)"):
+        distillation_rows(full, ("train",), split_files=[tune])
+
+
+def test_distillation_rows_bad_requests(tmp_path: Path) -> None:
+    from kdtrack.data import distillation_rows
+
+    full = _hand_dataset()
+    present = "choose from the splits present: test, train, unlabeled, val"
+    with pytest.raises(DataError, match=rf"^split 'holdout' is not in this hand dataset — {present}$"):
+        distillation_rows(full, ("train", "holdout"))
+    no_val = full.take(np.flatnonzero(full.splits != "val"))
+    with pytest.raises(DataError, match="^split 'val' is not in this hand dataset — choose from the splits present: "
+                                        "test, train, unlabeled$"):
+        distillation_rows(no_val, ("val",), allow=("val",))
+    only_train = full.select(["train"])
+    with pytest.raises(DataError, match=r"^no rows to cache: splits \['unlabeled'\] are empty in this hand dataset — "
+                                        "choose from the splits present: train$"):
+        distillation_rows(only_train, ("unlabeled",))
+    empty = _index_file(tmp_path, "train_indices.json", [])
+    with pytest.raises(DataError, match=r"^no rows to cache: splits \[\] are empty"):
+        distillation_rows(full, (), split_files=[empty])
+    with pytest.raises(DataError, match=r"is not named <split>_indices\.json"):
+        distillation_rows(full, ("train",), split_files=[_index_file(tmp_path, "tune.json", [0])])
+
+
+def _student(monkeypatch: pytest.MonkeyPatch, full: IndexedDataset, fraction: float, seed: int) -> IndexedDataset:
+    from kdtrack.data import selection
+
+    asked = DataConfig(student_labels=fraction, seed=seed)
+    monkeypatch.setattr(selection, "build_dataset", lambda cfg: full if cfg is asked else pytest.fail(f"built {cfg}"))
+    return selection.student_dataset(asked)
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_student_dataset_keeps_a_seeded_fraction_of_each_class(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """Per class (in label order) the train rows are permuted by default_rng([seed, 7]); the first
+    max(1, round(fraction * n)) keep their label, the rest become split `unlabeled` with label -1."""
+    #        train label 0: 8 rows, label 1: 3 rows, label 2: 2 rows (label 2 is in no held-out split)
+    splits = ["train"] * 13 + ["val", "val", "test", "unlabeled"]
+    labels = [0, 0, 1, 0, 2, 0, 1, 0, 0, 2, 0, 1, 0] + [0, 1, 1, -1]
+    full = _hand_dataset(splits, labels)
+    rng = np.random.default_rng([seed, 7])
+    dropped = []
+    for label, keep in ((0, 2), (1, 1), (2, 1)):  # round(0.25 * 8) = 2, round(0.75) = 1, round(0.5) = 0 -> 1
+        rows = rng.permutation([i for i in range(13) if labels[i] == label])
+        dropped += rows[keep:].tolist()
+    assert len(dropped) == 6 + 2 + 1
+    ds = _student(monkeypatch, full, 0.25, seed)
+    assert ds.splits.tolist() == ["unlabeled" if i in dropped else s for i, s in enumerate(splits)]
+    assert ds.labels.tolist() == [-1 if i in dropped else y for i, y in enumerate(labels)]
+    assert ds.sample_ids == full.sample_ids
+    np.testing.assert_array_equal(ds.features, full.features)
+    np.testing.assert_array_equal(ds.domains, full.domains)
+    np.testing.assert_array_equal(ds.attributes["site"], full.attributes["site"])
+    assert (ds.num_classes, ds.source, list(ds.attributes)) == (3, "hand", ["site"])
+    assert full.labels.tolist() == labels and full.splits.tolist() == splits  # the teacher's view is untouched
+
+
+def test_student_dataset_fraction_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """All labels (1.0) is the teacher's dataset itself; a fraction outside (0, 1] is refused."""
+    full = _hand_dataset()
+    assert _student(monkeypatch, full, 1.0, 0) is full
+    for bad in (0.0, -0.1, 1.5, 2.0):
+        with pytest.raises(DataError, match=rf"^data.student_labels={bad} is outside \(0, 1\]"):
+            _student(monkeypatch, full, bad, 0)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdtrack.errors import ConfigError
-from kdtrack.losses import (FEATURE_METHODS, AttentionTransfer, FactorTransfer, FeatureKD, FitNet, Paraphraser,
+from kdtrack.losses import (FEATURE_METHODS, RKD, AttentionTransfer, FactorTransfer, FeatureKD, FitNet, Paraphraser,
                             at_loss, attention_map, build_feature_method, factor_transfer_loss, fitnet_loss,
                             rkd_angle_loss, rkd_distance_loss, train_paraphraser)
 from kdtrack.models import ModelSpec, build_model
@@ -18,13 +18,7 @@ from kdtrack.models import ModelSpec, build_model
 INPUT = (3, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs: extra intra-op threads only add spin-waits, badly so on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def huber(a: float, b: float) -> float:
@@ -244,3 +238,238 @@ def test_feature_method_choices_are_checked() -> None:
     with pytest.raises(ConfigError, match="alpha"):
         FeatureKD(build_feature_method("rkd", student, teacher, INPUT), teacher, alpha=2.0)
     assert isinstance(build_feature_method("ft", student, teacher, INPUT), FactorTransfer)
+
+
+def hand_attention(feat: torch.Tensor, p: float) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H·W): channel mean of |f|^p, each row divided by its Euclidean length."""
+    am = (feat.abs() ** p).mean(dim=1).flatten(1)
+    return am / am.norm(dim=1, keepdim=True)
+
+
+def test_attention_map_normalises_each_sample_and_resizes_half_pixel_bilinear() -> None:
+    feat = torch.tensor([[[[1.0, 2.0]]], [[[3.0, 0.0]]]])  # (2, 1, 1, 2): |f|² rows (1, 4) and (9, 0)
+    # 2 -> 4 columns, half-pixel centres: output column c samples input x = (c + 0.5) / 2 - 0.5, clamped at 0.
+    lerp = torch.tensor([[1.0, 0.75, 0.25, 0.0], [0.0, 0.25, 0.75, 1.0]])  # weights of input columns 0, 1
+    rows = torch.tensor([[1.0, 4.0], [9.0, 0.0]]) @ lerp
+    want = rows / rows.norm(dim=1, keepdim=True)
+    assert torch.allclose(attention_map(feat, size=(1, 4)), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("p", [1.0, 4.0])
+def test_attention_terms_use_the_given_p_and_beta(p: float) -> None:
+    gen = torch.Generator().manual_seed(4)
+    fs, ft = torch.randn(3, 2, 3, 3, generator=gen), torch.randn(3, 5, 3, 3, generator=gen)
+    want = ((hand_attention(fs, p) - hand_attention(ft, p)) ** 2).mean().item()
+    assert want > 1e-4
+    assert at_loss(fs, ft, p).item() == pytest.approx(want, rel=1e-5)
+    assert AttentionTransfer(["s"], ["t"], 10.0, p)({"s": fs}, {"t": ft}).item() == pytest.approx(5 * want, rel=1e-5)
+    method = AttentionTransfer.from_models(resnet("resnet8"), resnet("resnet8x4"), INPUT, student_layers=["layer3"],
+                                           teacher_layers=["layer3"], beta=10.0, p=p)
+    assert method({"layer3": fs}, {"layer3": ft}).item() == pytest.approx(5 * want, rel=1e-5)
+
+
+def test_attention_transfer_defaults_to_beta_1000_and_squared_maps() -> None:
+    gen = torch.Generator().manual_seed(5)
+    fs, ft = torch.randn(2, 2, 2, 2, generator=gen), torch.randn(2, 3, 2, 2, generator=gen)
+    want = 500 * ((hand_attention(fs, 2.0) - hand_attention(ft, 2.0)) ** 2).mean().item()
+    method = AttentionTransfer.from_models(resnet("resnet8"), resnet("resnet8x4"), INPUT)
+    feats = {name: f for name, f in zip(method.student_layers, (fs, fs, fs))}
+    hints = {name: f for name, f in zip(method.teacher_layers, (ft, ft, ft))}
+    assert method(feats, hints).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_attention_transfer_needs_one_student_layer_per_teacher_layer() -> None:
+    for student_layers, teacher_layers in (([], []), (["a"], ["a", "b"])):
+        with pytest.raises(ConfigError, match="pairs layers one to one"):
+            AttentionTransfer(student_layers, teacher_layers)
+    assert AttentionTransfer(["a"], ["b"]).student_layers == ("a",)
+
+
+def plain_convnet() -> nn.Module:
+    """A conv net with no `feature_layers`: its layers can only be named explicitly."""
+    return nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
+
+
+def test_attention_transfer_layer_defaults_fill_only_the_side_not_named() -> None:
+    student, teacher = resnet("resnet8"), resnet("resnet8x4")
+    stages = ("layer1", "layer2", "layer3")
+    only_student = AttentionTransfer.from_models(student, teacher, INPUT, student_layers=["layer3"] * 3)
+    assert only_student.teacher_layers == stages
+    only_teacher = AttentionTransfer.from_models(student, teacher, INPUT, teacher_layers=["layer3"] * 3)
+    assert only_teacher.student_layers == stages
+    named = AttentionTransfer.from_models(plain_convnet(), plain_convnet(), INPUT, student_layers=["0"],
+                                          teacher_layers=["0"])
+    assert (named.student_layers, named.teacher_layers) == (("0",), ("0",))
+
+
+@pytest.mark.parametrize("role", ["student", "teacher"])
+def test_attention_transfer_names_the_layer_without_a_map(role: str) -> None:
+    layers = {"student_layers": ["layer3"], "teacher_layers": ["layer3"], f"{role}_layers": ["pool"]}
+    with pytest.raises(ConfigError, match=rf"^attention transfer needs a \(C, H, W\) feature map but {role} "
+                                          r"layer 'pool' gives \(\d+,\)"):
+        AttentionTransfer.from_models(resnet("resnet8"), resnet("resnet8x4"), INPUT, **layers)
+
+
+def mlp(*hidden: int) -> nn.Module:
+    return build_model(ModelSpec("mlp", 4, INPUT, {"hidden": list(hidden)}))
+
+
+def test_fitnet_defaults_to_the_middle_layer_of_vector_models() -> None:
+    method = FitNet.from_models(mlp(6, 5, 4, 3), mlp(9, 7), INPUT)  # no conv stage: middle of all feature layers
+    assert (method.student_layers, method.teacher_layers) == (("blocks.2",), ("blocks.1",))
+    assert method.regressor.weight.shape == (7, 4)
+
+
+@pytest.mark.parametrize("options, weight", [({}, 1.0), ({"weight": 3.0}, 3.0)])
+def test_fitnet_from_models_weights_the_hint_loss(options: dict, weight: float) -> None:
+    gen = torch.Generator().manual_seed(6)
+    method = FitNet.from_models(mlp(6, 5, 4, 3), mlp(9, 7), INPUT, **options)
+    guided, hint = torch.randn(3, 4, generator=gen), torch.randn(3, 7, generator=gen)
+    w, b = method.regressor.weight.detach(), method.regressor.bias.detach()
+    want = weight * ((guided @ w.T + b - hint) ** 2).mean().item()
+    assert method({"blocks.2": guided}, {"blocks.1": hint}).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_feature_method_connectors_follow_the_student_device() -> None:
+    student, teacher = resnet("resnet8").to("meta"), resnet("resnet8x4").to("meta")  # meta: any non-CPU device
+    method = build_feature_method("fitnet", student, teacher, INPUT)
+    assert method.regressor.weight.device.type == "meta"
+
+
+def test_unknown_feature_method_is_named_in_the_error() -> None:
+    with pytest.raises(ConfigError, match=r"^unknown feature method 'crd' — use one of: fitnet, rkd, ft, at$"):
+        build_feature_method("crd", resnet("resnet8"), resnet("resnet8"), INPUT)
+
+
+class MeanGap(nn.Module):
+    """A feature method for testing FeatureKD alone: squared gap between the mean student and teacher feature."""
+
+    name = "gap"
+    student_layers = ("0",)
+    teacher_layers = ("1",)
+
+    def forward(self, student_feats: dict[str, torch.Tensor], teacher_feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (student_feats["0"].mean() - teacher_feats["1"].mean()) ** 2
+
+
+def smoothed_ce(logits: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """Mean over rows with y >= 0 of -(1 - eps)·log p_y - eps/C · sum_c log p_c."""
+    logp = logits.log_softmax(dim=1)[y >= 0]
+    nll = -logp.gather(1, y[y >= 0, None])[:, 0]
+    return ((1 - eps) * nll - eps * logp.mean(dim=1)).mean()
+
+
+@pytest.mark.parametrize("alpha, smoothing", [(0.25, None), (0.75, 0.2)])
+def test_feature_kd_mixes_ce_and_the_feature_term_by_alpha(alpha: float, smoothing: float | None) -> None:
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))  # no feature_layers: hooks by name only
+    teacher = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    options = {} if smoothing is None else {"label_smoothing": smoothing}
+    loss_fn = FeatureKD(MeanGap(), teacher, alpha, **options)
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    x, y = torch.randn(5, 4), torch.tensor([0, 2, -1, 1, 2])
+    logits, terms = loss_fn(student, (x, y), epoch=0)
+    with torch.no_grad():
+        ce = smoothed_ce(student(x), y, smoothing or 0.0).item()
+        gap = (student[0](x).mean() - teacher[1](teacher[0](x)).mean()).item() ** 2
+    assert torch.equal(logits, student(x))
+    assert terms["ce"].item() == pytest.approx((1 - alpha) * ce, rel=1e-6)
+    assert terms["gap"].item() == pytest.approx(alpha * gap, rel=1e-6)
+
+
+def test_feature_kd_alpha_is_a_number_in_the_closed_unit_interval() -> None:
+    for alpha in (True, "0.5", -0.1, 1.5):
+        with pytest.raises(ConfigError, match=r"feature KD alpha must be in \[0, 1\]"):
+            FeatureKD(MeanGap(), nn.Linear(2, 2), alpha)
+    for alpha in (0, 0.0, 1.0):
+        assert FeatureKD(MeanGap(), nn.Linear(2, 2), alpha).alpha == float(alpha)
+
+
+@pytest.mark.parametrize("options, w_dist, w_angle", [({}, 1.0, 2.0), ({"w_dist": 0.5, "w_angle": 3.0}, 0.5, 3.0)])
+def test_rkd_method_weights_the_distance_and_angle_terms(options: dict, w_dist: float, w_angle: float) -> None:
+    gen = torch.Generator().manual_seed(7)
+    s, t = torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    want = w_dist * slow_distance_loss(s.tolist(), t.tolist()) + w_angle * slow_angle_loss(s.tolist(), t.tolist())
+    method = RKD.from_models(resnet("resnet8"), resnet("resnet8x4"), INPUT, **options)
+    assert method({"pool": s}, {"pool": t}).item() == pytest.approx(want, rel=1e-10)
+
+
+def test_rkd_terms_on_small_batches_and_narrow_embeddings() -> None:
+    gen = torch.Generator().manual_seed(8)
+    # Too few rows for a pair (distance) or a triplet (angle): exactly 0 with a zero gradient.
+    for term, rows in ((rkd_distance_loss, 1), (rkd_angle_loss, 2)):
+        leaf = torch.randn(rows, 3, generator=gen).requires_grad_()
+        loss = term(leaf, torch.randn(rows, 2, generator=gen))
+        loss.backward()
+        assert loss.item() == 0.0 and leaf.grad.abs().max().item() == 0.0
+    # Three rows are enough for angles, and 1-D or 2-D embeddings are enough for either term.
+    cases = ((rkd_angle_loss, slow_angle_loss, 3, 4), (rkd_angle_loss, slow_angle_loss, 4, 2),
+             (rkd_distance_loss, slow_distance_loss, 4, 1))
+    for term, slow, rows, width in cases:
+        s = torch.randn(rows, width, generator=gen, dtype=torch.float64)
+        t = torch.randn(rows, 3, generator=gen, dtype=torch.float64)
+        want = slow(s.tolist(), t.tolist())
+        assert want > 1e-3
+        assert term(s, t).item() == pytest.approx(want, rel=1e-10), (term.__name__, rows, width)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+def test_rkd_tolerance_for_equal_embeddings_is_relative_to_the_batch(scale: float) -> None:
+    s, t, drop = _with_duplicates(torch.float64)
+    want_d, want_a = kept_distance_loss(s.tolist(), t.tolist(), drop), kept_angle_loss(s.tolist(), t.tolist(), drop)
+    assert rkd_distance_loss(s * scale, t * scale).item() == pytest.approx(want_d, rel=1e-9)
+    assert rkd_angle_loss(s * scale, t * scale).item() == pytest.approx(want_a, rel=1e-9)
+
+
+def test_rkd_finds_equal_embeddings_in_large_batches_far_from_the_origin() -> None:
+    """Distances come from explicit differences, so equal rows are 0 apart even where |e|² dwarfs the gaps."""
+    gen = torch.Generator().manual_seed(9)
+    s = torch.randn(32, 4, generator=gen) + 300.0  # float32, more rows than cdist's own exact-path limit
+    s[31] = s[0]
+    t = torch.randn(32, 3, generator=gen)
+    rows_s, rows_t, drop = s.double().tolist(), t.double().tolist(), {frozenset((0, 31))}
+    assert rkd_distance_loss(s, t).item() == pytest.approx(kept_distance_loss(rows_s, rows_t, drop), rel=1e-4)
+    assert rkd_angle_loss(s, t).item() == pytest.approx(kept_angle_loss(rows_s, rows_t, drop), rel=1e-4)
+
+
+def test_rkd_terms_stay_on_the_embeddings_device_and_dtype() -> None:
+    s, t = torch.randn(6, 4, device="meta"), torch.randn(6, 3, device="meta")  # meta: any non-CPU device
+    assert rkd_distance_loss(s, t).device.type == rkd_angle_loss(s, t).device.type == "meta"
+    gen = torch.Generator().manual_seed(10)
+    s = torch.randn(26, 4, generator=gen, dtype=torch.float64)
+    t = torch.randn(26, 3, generator=gen, dtype=torch.float64)
+    want_d, want_a = slow_distance_loss(s.tolist(), t.tolist()), slow_angle_loss(s.tolist(), t.tolist())
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # counts of 650 pairs and 15600 triplets are not bfloat16 numbers
+    try:
+        got_d, got_a = rkd_distance_loss(s, t).item(), rkd_angle_loss(s, t).item()
+    finally:
+        torch.set_default_dtype(default)
+    assert got_d == pytest.approx(want_d, rel=1e-10) and got_a == pytest.approx(want_a, rel=1e-10)
+
+
+@pytest.mark.parametrize("gap, dropped", [(0.012, True), (0.02, False)])
+def test_rkd_leaves_out_pairs_closer_than_a_thousandth_of_the_mean_distance(gap: float, dropped: bool) -> None:
+    """Rows 0, 10, 20, 30 and a fifth `gap` from row 0: the mean distance over i != j is 16 - 0.2·gap, so the
+    cut-off is just under 0.016 and the pair (0, 4) is left out at gap 0.012 and kept at gap 0.02."""
+    s = [[0.0], [10.0], [20.0], [30.0], [gap]]
+    t = torch.randn(5, 3, generator=torch.Generator().manual_seed(11), dtype=torch.float64).tolist()
+    drop = {frozenset((0, 4))} if dropped else set()
+    s_t, t_t = torch.tensor(s, dtype=torch.float64), torch.tensor(t, dtype=torch.float64)
+    assert rkd_distance_loss(s_t, t_t).item() == pytest.approx(kept_distance_loss(s, t, drop), rel=1e-9)
+    assert rkd_angle_loss(s_t, t_t).item() == pytest.approx(kept_angle_loss(s, t, drop), rel=1e-9)
+
+
+@pytest.mark.parametrize("rows", [2, 3])
+def test_rkd_distance_normaliser_is_floored_for_collapsed_embeddings(rows: int) -> None:
+    """A mean distance below 1e-12 counts as 1e-12: a collapsed student is compared as it is, not blown up."""
+    gen = torch.Generator().manual_seed(12)
+    s = torch.randn(rows, 4, generator=gen, dtype=torch.float64) * 1e-14
+    t = torch.randn(rows, 3, generator=gen, dtype=torch.float64)
+    pairs = [(i, j) for i in range(rows) for j in range(rows) if i != j]
+    ds = [dist(s.tolist()[i], s.tolist()[j]) for i, j in pairs]
+    dt = [dist(t.tolist()[i], t.tolist()[j]) for i, j in pairs]
+    assert sum(ds) / len(pairs) < 1e-12
+    want = sum(huber(a / 1e-12, b / (sum(dt) / len(pairs))) for a, b in zip(ds, dt)) / len(pairs)
+    assert want > 0.1
+    assert rkd_distance_loss(s, t).item() == pytest.approx(want, rel=1e-9)

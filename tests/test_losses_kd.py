@@ -1,7 +1,8 @@
-"""Logit KD and multi-teacher fusion against hand-computed values and independent plain-Python formulas."""
+"""Logit KD against hand-computed values and independent plain-Python formulas."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 
 from kdtrack.errors import BadInput, ConfigError
 from kdtrack.losses import (KDLossConfig, LogitKD, compute_confidence_weights, compute_kd_weight,
-                            compute_student_loss, fuse_teachers, kd_loss)
+                            compute_student_loss, kd_loss, regression_loss)
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 # Row 0: teacher p = (3/5, 1/5, 1/5), student uniform. Row 1: teacher uniform, student p = (1/2, 1/4, 1/4).
@@ -265,29 +266,159 @@ def test_logit_kd_wires_teacher_lookup_domain_and_stats() -> None:
     assert loss_fn.pop_stats() == {}
 
 
-def test_fuse_mean_and_weighted_in_logit_space() -> None:
-    a, b = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 2.0, -1.0]])
-    assert fuse_teachers([a, b]).tolist() == [[2.0, 2.0, 1.0]]
-    got = fuse_teachers(torch.stack([a, b]), "weighted", weights=[3.0, 1.0])
-    assert got[0].tolist() == pytest.approx([1.5, 2.0, 2.0])
+@pytest.mark.parametrize("call, message", [
+    (lambda: KDLossConfig(loss_type="kl"), "unknown loss_type 'kl' — use one of: kldiv, soft_ce"),
+    (lambda: KDLossConfig(kd_alpha=1.5), "kd_alpha must be in [0.0, 1.0], got 1.5 — e.g. --set kd.alpha=0.5"),
+    (lambda: KDLossConfig(label_smoothing=1.0),
+     "label_smoothing must be in [0.0, 0.999], got 1.0 — e.g. --set train.label_smoothing=0.1"),
+    (lambda: KDLossConfig(warmup_epochs=-1),
+     "warmup_epochs must be an int >= 0, got -1 — e.g. --set kd.warmup_epochs=5"),
+    (lambda: KDLossConfig(kd_ramp_epochs=-1),
+     "kd_ramp_epochs must be an int >= 0, got -1 — e.g. --set kd.ramp_epochs=5"),
+    (lambda: compute_confidence_weights(CONF_TEACHER, "entropy"),
+     "unknown kd.weighting 'entropy' — use one of: none, pmax, threshold"),
+    (lambda: regression_loss(torch.zeros(2, 1), torch.zeros(2, 1), "huber"),
+     "unknown regression 'huber' — use one of: mse, l1"),
+])
+def test_config_errors_name_the_key_and_an_example(call, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        call()
+    assert str(raised.value) == message
 
 
-def test_fuse_most_confident_picks_per_sample_and_lowest_index_on_ties() -> None:
-    t1 = torch.tensor([[5.0, 0.0, 0.0], [0.0, 0.0, 0.0], [2.0, 0.0, 0.0]], dtype=torch.float64)
-    t2 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 2.0, 0.0]], dtype=torch.float64)
-    got = fuse_teachers([t1, t2], "most_confident")
-    assert got.tolist() == [t1[0].tolist(), t2[1].tolist(), t1[2].tolist()]
+@pytest.mark.parametrize("call", [
+    lambda: KDLossConfig(kd_alpha=True),
+    lambda: KDLossConfig(label_smoothing=False),
+    lambda: KDLossConfig(warmup_epochs=True),
+    lambda: KDLossConfig(kd_ramp_epochs=1.5),
+    lambda: KDLossConfig(confidence_threshold=True),
+    lambda: kd_loss(torch.zeros(2, 3), torch.zeros(2, 3), temperature=True),
+])
+def test_bools_and_non_int_epochs_are_refused(call) -> None:
+    with pytest.raises(ConfigError):
+        call()
 
 
-def test_fuse_refuses_bad_weights_and_methods() -> None:
-    t = [torch.zeros(2, 3), torch.zeros(2, 3)]
-    with pytest.raises(BadInput, match="3 weights for 2 teachers"):
-        fuse_teachers(t, "weighted", weights=[1.0, 1.0, 1.0])
-    with pytest.raises(BadInput, match=">= 0"):
-        fuse_teachers(t, "weighted", weights=[1.0, -1.0])
-    with pytest.raises(BadInput, match="needs weights"):
-        fuse_teachers(t, "weighted")
-    with pytest.raises(ConfigError, match="most_confident"):
-        fuse_teachers(t, "max")
-    with pytest.raises(BadInput, match="shape"):
-        fuse_teachers([torch.zeros(2, 3), torch.zeros(2, 4)])
+def test_config_accepts_its_range_ends() -> None:
+    cfg = KDLossConfig(kd_alpha=1.0, label_smoothing=0.999, confidence_threshold=1.0, warmup_epochs=0,
+                       kd_ramp_epochs=0)
+    assert (cfg.kd_alpha, cfg.label_smoothing, cfg.confidence_threshold) == (1.0, 0.999, 1.0)
+
+
+def test_threshold_weighting_keeps_rows_at_exactly_the_threshold() -> None:
+    teacher = torch.tensor([[0.0, 0.0], [200.0, 0.0], [1.0, 0.0]])  # confidences 1/2, 1 and e/(e+1) = 0.73
+    for threshold, want in [(0.5, [1.0, 1.0, 1.0]), (1.0, [0.0, 1.0, 0.0]), (0.6, [0.0, 1.0, 1.0])]:
+        got, stats = compute_confidence_weights(teacher, "threshold", threshold)
+        assert got.dtype == torch.float32 and got.tolist() == want
+        assert stats["coverage"] == pytest.approx(sum(want) / 3)
+    default, _ = compute_confidence_weights(teacher, "threshold")  # threshold 0: every row
+    assert default.tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("shape", [(3,), (0, 3), (2, 2, 2)])
+def test_confidence_weights_refuse_non_bc_logits(shape: tuple[int, ...]) -> None:
+    with pytest.raises(BadInput) as raised:
+        compute_confidence_weights(torch.zeros(shape), "none")
+    assert str(raised.value) == (f"teacher logits must be a non-empty (B, C) tensor, got {shape} — "
+                                 "pass one row of class logits per sample")
+    assert compute_confidence_weights(torch.zeros(1, 3), "none")[0].tolist() == [1.0]  # one row is enough
+
+
+@pytest.mark.parametrize("call, want", [
+    (lambda: kd_loss(torch.zeros(2, 3), torch.zeros(2, 4)), "(B, C) logits, got (2, 3) and (2, 4)"),
+    (lambda: kd_loss(torch.zeros(0, 3), torch.zeros(0, 3)), "(B, C) logits, got (0, 3) and (0, 3)"),
+    (lambda: kd_loss(torch.zeros(2, 3, 1), torch.zeros(2, 3, 1)), "(B, C) logits, got (2, 3, 1) and (2, 3, 1)"),
+    (lambda: regression_loss(torch.zeros(2, 1), torch.zeros(2, 2), "mse"), "(B, ...) outputs, got (2, 1) and (2, 2)"),
+    (lambda: regression_loss(torch.zeros(0, 2), torch.zeros(0, 2), "l1"), "(B, ...) outputs, got (0, 2) and (0, 2)"),
+])
+def test_shape_mismatch_and_empty_batch_messages(call, want: str) -> None:
+    with pytest.raises(BadInput) as raised:
+        call()
+    assert str(raised.value) == (f"student and teacher need the same non-empty {want} — "
+                                 "check the teacher has the student's classes and batch rows")
+
+
+def test_half_precision_inputs_are_computed_in_float32() -> None:
+    s, t = torch.tensor(STUDENT, dtype=torch.float16), torch.tensor(TEACHER, dtype=torch.float16)
+    got = kd_loss(s, t, 1.0, "kldiv", "none")
+    # the float16 logits themselves are the inputs: log 2 and log 3 rounded to float16
+    want = [kl_py(a, b, 1.0) for a, b in zip(s.tolist(), t.tolist())]
+    assert got.dtype == torch.float32 and got.tolist() == pytest.approx(want, rel=1e-6)
+    mse = regression_loss(torch.tensor([[1.0, 2.0]], dtype=torch.float16), torch.tensor([[0.0, 2.0]]).half(), "mse")
+    assert mse.dtype == torch.float32 and mse.tolist() == [0.5]
+
+
+@pytest.mark.parametrize("targets, got", [(None, "None"), (torch.tensor([0, 1, 0]), "(3,)")])
+def test_classification_needs_one_target_per_row(targets, got: str) -> None:
+    with pytest.raises(BadInput) as raised:
+        compute_student_loss(torch.zeros(2, 3), torch.zeros(2, 3), targets, KDLossConfig(), 0)
+    assert str(raised.value) == (f"targets must be a (2,) tensor of class ids (-1 for unlabelled), got {got} — "
+                                 "pass the batch's labels y")
+
+
+def test_label_smoothing_applies_to_the_ce_term() -> None:
+    s, y, eps = [[1.0, -1.0, 0.5], [0.0, 2.0, 0.0]], [1, 2], 0.1
+    loss, stats = compute_student_loss(torch.tensor(s), torch.randn(2, 3), torch.tensor(y),
+                                       KDLossConfig(kd_alpha=0.0, label_smoothing=eps), 0)
+    # target (1 - eps) on the label plus eps / C on every class
+    want = sum((1 - eps) * ce_py(row, label) + eps * sum(ce_py(row, c) for c in range(3)) / 3
+               for row, label in zip(s, y)) / 2
+    assert stats["ce_loss"] == pytest.approx(want, rel=1e-6) and loss.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_student_loss_threshold_weighting_drops_unsure_rows() -> None:
+    s, t = [[1.0, 0.5, -1.0], [0.0, 2.0, 0.3]], [[LN3, 0.0, 0.0], [0.0, 0.0, 0.0]]  # confidences 3/5 and 1/3
+    cfg = KDLossConfig(temperature=1.0, kd_alpha=1.0, kd_weighting="threshold", confidence_threshold=0.5)
+    loss, stats = compute_student_loss(torch.tensor(s), torch.tensor(t), torch.tensor([-1, -1]), cfg, 0)
+    assert loss.item() == pytest.approx(kl_py(s[0], t[0], 1.0) / 2, rel=1e-5)  # row 1 gets no KD; still / B
+    assert stats["coverage"] == 0.5
+
+
+def test_a_float_domain_mask_acts_as_the_bool_mask_in_the_logits_dtype() -> None:
+    s, t = torch.tensor([[1.0, 0.5, -1.0], [0.0, 2.0, 0.3]]), torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    cfg, y = KDLossConfig(temperature=1.0, kd_alpha=1.0), torch.tensor([-1, -1])
+    loss, _ = compute_student_loss(s, t, y, cfg, 0, domain_mask=torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(kl_py(s[1].tolist(), t[1].tolist(), 1.0) / 2, rel=1e-6)
+
+
+def test_loss_path_raises_no_warnings() -> None:
+    s, t, y = torch.tensor(STUDENT), torch.tensor(TEACHER), torch.tensor([0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. softmax's implicit-dim deprecation, once per training step
+        kd_loss(s, t)
+        compute_confidence_weights(t, "pmax")
+        compute_student_loss(s, t, y, KDLossConfig(kd_weighting="threshold", confidence_threshold=0.5), 0)
+
+
+def test_logit_kd_without_domain_gives_every_row_kd() -> None:
+    s, t = [[1.0, 0.5, -1.0], [0.0, 2.0, 0.3]], [[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]]
+    loss_fn = LogitKD(lambda batch: torch.tensor(t), KDLossConfig(temperature=1.0, kd_alpha=1.0))
+    _, terms = loss_fn(nn.Identity(), (torch.tensor(s), torch.tensor([-1, -1])), epoch=0)
+    assert terms["kd"].item() == pytest.approx(sum(kl_py(a, b, 1.0) for a, b in zip(s, t)) / 2, rel=1e-6)
+    assert loss_fn.pop_stats()["coverage"] == 1.0
+
+
+def test_logit_kd_regression_stats_restart_after_each_pop() -> None:
+    loss_fn = LogitKD(lambda batch: batch[2], KDLossConfig(regression="mse"))  # batch: (x, y, teacher outputs)
+
+    def step(student: list[list[float]], teacher: list[list[float]]) -> None:
+        loss_fn(nn.Identity(), (torch.tensor(student), torch.zeros(1), torch.tensor(teacher)), epoch=0)
+
+    step([[1.0, 2.0]], [[0.0, 2.0]])  # mse 1/2
+    step([[3.0, 3.0]], [[0.0, 3.0]])  # mse 9/2
+    assert loss_fn.pop_stats()["kd_loss"] == pytest.approx(2.5)
+    step([[3.0, 3.0]], [[0.0, 3.0]])
+    means = loss_fn.pop_stats()  # this one step only
+    assert means["kd_loss"] == pytest.approx(4.5) and means["total_loss"] == pytest.approx(4.5)
+    assert "avg_confidence" not in means
+
+
+def test_logit_kd_moves_teacher_and_domain_onto_the_model_device() -> None:
+    model = nn.Linear(4, 3, device="meta")  # a device other than the CPU the table and domains live on
+    table, domains = torch.randn(5, 3), torch.tensor([1, 0])
+    loss_fn = LogitKD(lambda batch: table[batch[2]], KDLossConfig(), domain_index=1)
+    batch = (torch.zeros(2, 4, device="meta"), torch.zeros(2, dtype=torch.long, device="meta"), torch.tensor([4, 0]),
+             domains)
+    _, terms = loss_fn(model, batch, epoch=0)
+    assert terms["kd"].device.type == "meta" and terms["ce"].device.type == "meta"

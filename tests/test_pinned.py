@@ -52,7 +52,7 @@ def _student_inputs(cfg: config.Config, teacher_run_id: str):
     return teacher, student, train, dataset_digest(train)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once, whatever order the tests run in
 def two_teachers(digits_teacher: str) -> tuple[str, str, str, str]:
     """Two teachers of different weights and their float32 caches of the default rows: (t1, t2, cache1, cache2)."""
     other = train_teacher.run(config.load(DIGITS, [*TINY_TEACHER, "seed=3", EXPERIMENT]))

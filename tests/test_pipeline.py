@@ -31,7 +31,7 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once, whatever order the tests run in
 def first_pipeline(store: str) -> str:
     code, out, err = _pipeline("pipeline")
     assert code == 0, err

@@ -37,7 +37,7 @@ def _load_script():
 script = _load_script()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once, whatever order the tests run in
 def runs(store: str) -> dict[str, str]:
     """teacher, cache, a KD student whose weight ramps up, and a method=none student: 3 epochs each."""
     teacher = train_teacher.run(config.load(DIGITS, [*TINY_TEACHER, "optim.epochs=3", f"experiment={EXPERIMENT}"]))

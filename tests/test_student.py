@@ -22,12 +22,12 @@ def _student(teacher: str, *sets: str) -> tuple[int, str, str]:
     return cli("train-student", "--config", str(DIGITS), "--teacher-run-id", teacher, *pairs)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once, whatever order the tests run in
 def digits_cache_run(digits_teacher: str) -> str:
     return cache_logits.run(config.load(DIGITS, ["experiment=students"]), digits_teacher)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once, whatever order the tests run in
 def kd_and_baseline(digits_teacher: str, digits_cache_run: str) -> tuple[str, str]:
     code, kd, err = _student(digits_teacher, "kd.alpha=0.9", "kd.temperature=4")
     assert code == 0, err

@@ -26,7 +26,7 @@ def _git_head() -> str:
         return "unknown"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once, whatever order the tests run in
 def teacher_run(store: str) -> str:
     code, out, err = cli("train-teacher", "--config", str(DIGITS), *set_args(*TINY_TEACHER, "experiment=teachers"))
     assert code == 0, err

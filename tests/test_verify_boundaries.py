@@ -40,7 +40,7 @@ def _sets(manifest: Path) -> list[str]:
     return [*TINY_TEACHER, "data.source=manifest", f"data.manifest={manifest}", f"experiment={EXPERIMENT}"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once, whatever order the tests run in
 def teacher(store: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny MLP teacher on manifest data of FEATURES floats; each test caches its own data with it."""
     return train_teacher.run(config.load(None, _sets(_write_manifest(tmp_path_factory.mktemp("teacher"), 0))))

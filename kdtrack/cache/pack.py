@@ -46,7 +46,7 @@ def pack(src: str | Path, dst: str | Path, *, shard_bytes: int = SHARD_BYTES) ->
     return sum(len(files) for _folder, _dirs, files in os.walk(dst))
 
 
-def _shard_rows(array: zarr.Array, row_nbytes: float, limit: int = SHARD_BYTES) -> int:
+def _shard_rows(array: zarr.Array, row_nbytes: float, limit: int) -> int:
     """Rows per shard: a whole number of `array`'s row chunks, at most `limit` bytes (or one chunk), even shards."""
     chunk_rows = int(array.chunks[0])
     chunks = max(math.ceil(array.shape[0] / chunk_rows), 1)

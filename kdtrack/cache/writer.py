@@ -77,7 +77,7 @@ def build(
     *,
     attrs: Mapping[str, Any],
     device: torch.device,
-    batch_size: int = 1024,
+    batch_size: int,
     amp_dtype: torch.dtype | None = None,
     dtype: str = "float32",
     chunk_rows: int | None = None,
@@ -125,7 +125,7 @@ def _remove_dead_writes(path: Path, chunks: list[int]) -> None:
     for c in chunks:
         for folder in (path / "logits" / "c" / str(c), path / "chunk_done" / "c"):
             pattern = "**/*.partial" if folder.name == str(c) else f"{c}.*.partial"
-            for dead in folder.glob(pattern) if folder.is_dir() else ():
+            for dead in folder.glob(pattern):  # nothing when the folder is missing
                 dead.unlink(missing_ok=True)
 
 
@@ -161,7 +161,7 @@ def _prepare_store(
             _check_resumable(group, path, (len(dataset), output_shape, dtype), chunk_rows)
             return group
     remove_store(path)  # a foreign path is refused there, never deleted
-    rows = chunk_rows if chunk_rows is not None else default_chunk_rows(output_shape, dtype)
+    rows = chunk_rows if chunk_rows is not None else min(default_chunk_rows(output_shape, dtype), len(dataset))
     return create_store(path, sample_ids=dataset.sample_ids, labels=dataset.labels, output_shape=output_shape,
                         dtype=dtype, chunk_rows=rows, attrs=attrs)
 
@@ -325,7 +325,7 @@ class _ChunkWriter:
                     _write_rows(self.group["sample_ids"], start,
                                 np.asarray(self.dataset.sample_ids[start:stop], dtype=str))
                     _write_rows(self.group["labels"], start, self.dataset.labels[start:stop])
-                _write_rows(self.flags, c, np.ones(1, dtype=bool))  # only after the logits are on disk
+                _write_rows(self.flags, c, np.array([True]))  # only after the logits are on disk
             except Exception as exc:  # any failure must reach the caller's thread, not die here unseen
                 self.error = (c, exc)
 
@@ -337,29 +337,40 @@ class _ChunkWriter:
 
 
 def _write_rows(array: zarr.Array, start: int, values: np.ndarray) -> None:
-    """`array[start:start + len(values)] = values`, also when the shard holding those rows has a corrupt index.
+    """`array[start:start + len(values)] = values`, also when the shard holding those rows has corrupt chunks.
 
-    In a sharded (packed) store zarr writes one chunk by decoding the shard's index and re-encoding the shard.
-    A corrupt index made every chunk of that shard unreadable, so nothing readable is lost by removing the shard
-    object and writing again; its other chunks then read as removed, and verification names them for repair.
+    In a sharded (packed) store zarr writes one chunk by decoding the shard's index and re-encoding the shard; the
+    short last chunk of an array is decoded too, to merge it. So a corrupt index, or a corrupt last chunk, fails the
+    write. The shard is then rewritten whole from its chunks that still decode and these rows; the chunks that do
+    not decode are left as removed (fill values), and verification names them for repair.
     """
     stop = start + len(values)
     try:
         array[start:stop] = values
         return
     except ValueError:  # zarr's Crc32c codec reports a mismatch as ValueError
-        if array.shards is None or not isinstance(array.store, LocalStore) or _shard_readable(array, start):
+        if array.shards is None or not isinstance(array.store, LocalStore):
             raise
+        salvaged = _salvage_shard(array, start)
+        if salvaged is None:  # every chunk decodes: the failure is not corruption
+            raise
+    first, rows = salvaged
+    rows[start - first:stop - first] = values
     shard = (start // int(array.shards[0]), *[0] * (array.ndim - 1))  # shards split rows only
-    (Path(array.store.root) / array.path / array.metadata.encode_chunk_key(shard)).unlink(missing_ok=True)
-    array[start:stop] = values
+    (Path(array.store.root) / array.path / array.metadata.encode_chunk_key(shard)).unlink()  # it failed to decode
+    array[first:first + len(rows)] = rows
 
 
-def _shard_readable(array: zarr.Array, row: int) -> bool:
-    """Whether every chunk of the shard holding `row` decodes; a whole-chunk write fails only on a bad index."""
-    rows = int(array.shards[0])
-    try:
-        array[row // rows * rows:(row // rows + 1) * rows]
-    except ValueError:
-        return False
-    return True
+def _salvage_shard(array: zarr.Array, row: int) -> tuple[int, np.ndarray] | None:
+    """(first row, rows) of the shard holding `row`, fill values for its chunks that do not decode; None if all do."""
+    shard_rows, chunk_rows, end = int(array.shards[0]), int(array.chunks[0]), array.shape[0]
+    first = row // shard_rows * shard_rows
+    pieces, lost = [], False
+    for lo in range(first, min(first + shard_rows, end), chunk_rows):
+        hi = min(lo + chunk_rows, end)
+        try:
+            pieces.append(array[lo:hi])
+        except ValueError:
+            pieces.append(np.full((hi - lo, *array.shape[1:]), array.fill_value, dtype=array.dtype))
+            lost = True
+    return (first, np.concatenate(pieces)) if lost else None

@@ -23,7 +23,7 @@ def _conv_bn_act(cin: int, cout: int) -> list[nn.Module]:
 class Paraphraser(nn.Module):
     """Conv autoencoder on (B, C, H, W) teacher maps: `encode` gives (B, round(rate·C), H, W) factors."""
 
-    def __init__(self, in_channels: int, rate: float = 0.5) -> None:
+    def __init__(self, in_channels: int, rate: float) -> None:
         super().__init__()
         if in_channels < 1 or not 0 < rate <= 4:
             raise ConfigError(f"paraphraser needs in_channels >= 1 and 0 < rate <= 4, got {in_channels}, {rate}",
@@ -76,7 +76,7 @@ class FactorTransfer(nn.Module):
     name = "ft"
 
     def __init__(self, student_layer: str, teacher_layer: str, paraphraser: Paraphraser, student_channels: int,
-                 weight: float = 1.0) -> None:
+                 weight: float) -> None:
         super().__init__()
         self.student_layers, self.teacher_layers = (student_layer,), (teacher_layer,)
         self.paraphraser = paraphraser.requires_grad_(False).eval()

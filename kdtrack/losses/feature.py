@@ -53,8 +53,7 @@ class FeatureKD:
     off, eval mode, no_grad forward); optimise the student together with `method.parameters()`.
     """
 
-    def __init__(self, method: nn.Module, teacher: nn.Module, alpha: float = 0.5,
-                 label_smoothing: float = 0.0) -> None:
+    def __init__(self, method: nn.Module, teacher: nn.Module, alpha: float, label_smoothing: float = 0.0) -> None:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"feature KD alpha must be in [0, 1], got {alpha!r}", "e.g. --set kd.alpha=0.5")
         self.method = method

@@ -83,7 +83,7 @@ def kd_loss(
 
 
 def regression_loss(
-    student_outputs: torch.Tensor, teacher_outputs: torch.Tensor, loss_type: str = "mse"
+    student_outputs: torch.Tensor, teacher_outputs: torch.Tensor, loss_type: str
 ) -> torch.Tensor:
     """Per-sample (B,) mean squared ('mse') or absolute ('l1') error onto the detached teacher outputs (B, ...)."""
     check_choice("regression", loss_type, REGRESSIONS[1:])
@@ -108,7 +108,7 @@ def _check_threshold(threshold: float) -> None:
 
 
 def compute_confidence_weights(
-    teacher_logits: torch.Tensor, weighting: str = "none", threshold: float = 0.0
+    teacher_logits: torch.Tensor, weighting: str, threshold: float = 0.0
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-sample KD weights (B,) from the teacher's max softmax probability (T = 1) and summary stats.
 
@@ -234,9 +234,9 @@ class LogitKD:
     """
 
     def __init__(self, teacher_logits_fn: Callable[[Sequence[Any]], torch.Tensor],
-                 config: KDLossConfig | None = None, domain_index: int | None = None) -> None:
+                 config: KDLossConfig, domain_index: int | None = None) -> None:
         self.teacher_logits_fn = teacher_logits_fn
-        self.config = config if config is not None else KDLossConfig()
+        self.config = config
         self.domain_index = domain_index
         self._sums: torch.Tensor | None = None  # running sums of the step stats, on the loss's device
         self._steps = 0
@@ -250,8 +250,7 @@ class LogitKD:
         mask = None
         if self.domain_index is not None:
             mask = batch[3].to(outputs.device) == self.domain_index  # (B,)
-        targets = y if self.config.regression == "none" else None
-        ce_term, kd_term, stats = _student_terms(outputs, teacher, targets, self.config, epoch, mask)
+        ce_term, kd_term, stats = _student_terms(outputs, teacher, y, self.config, epoch, mask)
         self._sums = stats if self._sums is None else self._sums + stats
         self._steps += 1
         return outputs, {"ce": ce_term, "kd": kd_term}

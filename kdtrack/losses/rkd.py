@@ -75,8 +75,7 @@ def rkd_angle_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torc
     return (terms * used).sum() / used.sum().clamp(min=1.0)
 
 
-def rkd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, w_dist: float = 1.0,
-             w_angle: float = 2.0) -> torch.Tensor:
+def rkd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, w_dist: float, w_angle: float) -> torch.Tensor:
     """w_dist · distance term + w_angle · angle term (paper: 25 and 50; see the module note)."""
     return w_dist * rkd_distance_loss(student_emb, teacher_emb) + w_angle * rkd_angle_loss(student_emb, teacher_emb)
 
@@ -86,7 +85,7 @@ class RKD(nn.Module):
 
     name = "rkd"
 
-    def __init__(self, student_layer: str, teacher_layer: str, w_dist: float = 1.0, w_angle: float = 2.0) -> None:
+    def __init__(self, student_layer: str, teacher_layer: str, w_dist: float, w_angle: float) -> None:
         super().__init__()
         self.student_layers = (student_layer,)
         self.teacher_layers = (teacher_layer,)

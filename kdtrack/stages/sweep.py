@@ -30,7 +30,7 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     return grid
 
 
-def run(cfg: Config, grid: dict[str, list[str]], seeds: list[int], *, force_restart: bool = False) -> str:
+def run(cfg: Config, grid: dict[str, list[str]], seeds: list[int], *, force_restart: bool) -> str:
     """Every combination of `grid` and `seeds` as a student run of the config's teacher and cache (both reused
     when finished); FINISHED combinations are skipped unless `force_restart`. Returns the parent run id."""
     if not seeds:
