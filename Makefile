@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench mutate install clean server server-stop
+.PHONY: demo test test-fast bench mutate mutate-report install clean server server-stop
 
 install: $(INSTALLED)
 
@@ -30,11 +30,18 @@ test: $(INSTALLED)
 test-fast: $(INSTALLED)
 	$(PY) -m pytest -q -m "not slow"
 
-# Mutation testing of the modules that carry the promises (setup.cfg [mutmut]); long: not part of CI. Writes the
-# survivors, with the verdicts of tests/mutation_verdicts.tsv, to tests/MUTATION.md.
+# Mutation testing of the modules that carry the promises (setup.cfg [mutmut]); long (hours on 2 cores), not part of
+# CI, resumable: it starts from the results saved in tests/mutation-state.json.gz (mutmut keeps those of unchanged
+# functions), saves them again when done, and writes the survivors, with the verdicts of
+# tests/mutation_verdicts.tsv, to tests/MUTATION.md. Stopped with Ctrl-C: `make mutate-report` saves and reports.
 mutate: $(INSTALLED)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,mutate]'
+	$(PY) scripts/mutation_state.py restore
 	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2
+	$(MAKE) mutate-report
+
+mutate-report:
+	$(PY) scripts/mutation_state.py save
 	$(PY) scripts/mutation_report.py
 
 # CPU performance suite, a few minutes: writes benchmarks/results/<date>-<host>.json and prints the table.

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from kdtrack import __version__, config
+from kdtrack import __version__, config, output
 from kdtrack.errors import BadInput, KdtrackError
 
 
@@ -28,13 +28,15 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a KdtrackError into one `error: <what> — <how to fix>` line and its exit code, no traceback; SIGTERM
-    ends the command like Ctrl-C (its run KILLED, resumable) with exit code 143."""
+    ends the command like Ctrl-C (its run KILLED, resumable) with exit code 143. Stdout carries only the command's
+    result (kdtrack.output): anything else printed meanwhile (MLflow's links over HTTP) goes to stderr."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         previous = signal.signal(signal.SIGTERM, _terminate)
         try:
-            return fn(*args, **kwargs)
+            with output.results_only():
+                return fn(*args, **kwargs)
         except KdtrackError as exc:
             _fail(exc)
         except Terminated:
@@ -93,7 +95,7 @@ def train_teacher(config_path: str | None, sets: tuple[str, ...], overrides: str
     else:
         cfg = load_config(config_path, sets, overrides)
     run_id = stage.run(cfg, resume_run_id=resume_run_id)
-    click.echo(run_id)
+    output.result(run_id)
 
 
 def _cache_overrides(dtype: str | None, checkpoint: str | None, splits: tuple[str, ...],
@@ -128,7 +130,7 @@ def cache_logits(config_path: str | None, sets: tuple[str, ...], overrides: str,
 
     cfg = load_config(config_path, sets, overrides, _cache_overrides(dtype, checkpoint, splits, allow))
     for run_id in stage.run_many(cfg, run_ids(teacher_run_ids), force=force, resume=not no_resume):
-        click.echo(run_id)
+        output.result(run_id)
 
 
 @main.command("verify-cache")
@@ -145,7 +147,7 @@ def verify_cache(run_id: str, recompute: int, repair: bool, seed: int) -> None:
 
     verdict = stage.run(run_id, recompute=recompute, repair=repair, seed=seed)
     for line in verdict.lines:
-        click.echo(line)
+        output.result(line)
     rebuild = "build a new cache with kdtrack cache-logits"
     if verdict.refusal:
         raise CacheError(f"cache run {run_id} cannot be repaired: {verdict.refusal}",
@@ -178,10 +180,10 @@ def recompute_logits(config_path: str | None, sets: tuple[str, ...], overrides: 
     cfg = load_config(config_path, sets, overrides)
     splits = [s for raw in (first_split, *more_splits) for s in raw.split()]  # MLproject passes one string
     checks = stage.run(cfg, list(expert_run_ids), splits, export_npz=export_npz, min_accuracy=min_accuracy)
-    click.echo(f"{'expert':34} {'split':10} {'rows':>7} {'accuracy':>9}  cache run / problems")
+    output.result(f"{'expert':34} {'split':10} {'rows':>7} {'accuracy':>9}  cache run / problems")
     for c in checks:
         status = c.cache_run_id if c.passed else "FAIL: " + "; ".join(c.problems)
-        click.echo(f"{c.expert_run_id:34} {c.split:10} {c.rows:7d} {c.accuracy:9.4f}  {status}")
+        output.result(f"{c.expert_run_id:34} {c.split:10} {c.rows:7d} {c.accuracy:9.4f}  {status}")
     failed = [c for c in checks if not c.passed]
     if failed:
         raise CacheError(f"{len(failed)} of {len(checks)} expert/split checks failed", "see the table above")
@@ -215,7 +217,7 @@ def train_student(config_path: str | None, sets: tuple[str, ...], overrides: str
     run_id = stage.run(cfg, ids, build_missing_cache=build_missing_cache, resume_run_id=resume_run_id,
                        cache_run_ids=caches)
     if run_id:  # under torchrun only rank 0 has one
-        click.echo(run_id)
+        output.result(run_id)
 
 
 @main.command("lineage")
@@ -226,7 +228,7 @@ def lineage(run_id: str) -> None:
     from kdtrack.lineage import describe
 
     for line in describe(run_id):
-        click.echo(line)
+        output.result(line)
 
 
 @main.command("pipeline")
@@ -243,17 +245,20 @@ def pipeline(config_path: str | None, sets: tuple[str, ...], overrides: str, stu
     methods = [m.strip() for m in students.split(",") if m.strip()]
     for method in methods:
         config.override(cfg, [f"method={method}"])  # an unknown method fails here, before any run starts
-    click.echo(stage.run(cfg, methods, force=force))
+    output.result(stage.run(cfg, methods, force=force))
 
 
 @main.command("sweep")
 @config_options
 @click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,...", help="A config key and its values; repeatable.")
 @click.option("--seeds", default="0", show_default=True, help="Seeds, comma-separated.")
+@click.option("--teacher-run-id", "teacher_run_ids", multiple=True, metavar="RUN_ID",
+              help="Distil from this teacher run (repeat for several, fused by kd.fusion) instead of training the "
+                   "config's teacher; its cache is reused or built.")
 @click.option("--force-restart", is_flag=True, help="Rerun every combination, finished or not.")
 @expected_errors
 def sweep(config_path: str | None, sets: tuple[str, ...], overrides: str, grid: tuple[str, ...], seeds: str,
-          force_restart: bool) -> None:
+          teacher_run_ids: tuple[str, ...], force_restart: bool) -> None:
     """Student runs for every grid combination and seed under one parent; prints mean ± std over seeds."""
     from kdtrack.stages import sweep as stage
 
@@ -268,7 +273,8 @@ def sweep(config_path: str | None, sets: tuple[str, ...], overrides: str, grid: 
     for combo in parsed.items():  # every value type-checks before any run starts
         for value in combo[1]:
             config.override(cfg, [f"{combo[0]}={value}"])
-    click.echo(stage.run(cfg, parsed, seed_list, force_restart=force_restart))
+    output.result(stage.run(cfg, parsed, seed_list, force_restart=force_restart,
+                            teacher_run_ids=run_ids(teacher_run_ids)))
 
 
 @main.command("fetch")
@@ -280,4 +286,4 @@ def fetch(run_id: str, out: str) -> None:
     from kdtrack.fetch import fetch as do_fetch
 
     for path in do_fetch(run_id, out):
-        click.echo(path)
+        output.result(path)

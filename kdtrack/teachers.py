@@ -30,7 +30,7 @@ class Teacher:
 
 def load_teacher(run_id: str, device: torch.device, which: str = "best") -> Teacher:
     """The teacher of run `run_id` from its `checkpoints/<which>.pt`, model rebuilt from the checkpoint's spec."""
-    run = _teacher_run(run_id)
+    run = teacher_run(run_id)
     artifact = f"checkpoints/{which}.pt"
     available = tracking.list_artifacts(run_id, "checkpoints")
     if artifact not in available:
@@ -51,7 +51,8 @@ def load_teacher(run_id: str, device: torch.device, which: str = "best") -> Teac
                    checkpoint_sha256=payload["weights_sha256"], payload=payload)
 
 
-def _teacher_run(run_id: str) -> Any:
+def teacher_run(run_id: str) -> Any:
+    """The run `run_id`, refused with a TeacherError unless it is a live teacher run of this store."""
     try:
         run = tracking.get_run(run_id)
     except RunNotFound as exc:

@@ -517,17 +517,3 @@ def test_verify_cache_after_the_data_changed(ctx: Ctx):
     _assert_one_line_error(err, f"cache run {run_id} failed verification")
     assert MlflowClient().get_run(run_id).data.tags["kdtrack.complete"] == "false"
     assert _running() == []
-
-
-@pytest.mark.parametrize(("kwargs", "text"), [
-    ({"loss_type": "l2"}, "unknown loss_type 'l2' — use one of: kldiv, soft_ce"),
-    ({"reduction": "avg"}, "unknown reduction 'avg' — use one of: batchmean, mean, sum, none"),
-])
-def test_kd_loss_called_directly_names_the_bad_option(kwargs: dict, text: str):
-    from kdtrack.errors import ConfigError
-    from kdtrack.losses import kd_loss
-
-    logits = torch.zeros(2, 3)
-    with pytest.raises(ConfigError) as caught:
-        kd_loss(logits, logits, 4.0, **kwargs)
-    assert str(caught.value) == text

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from kdtrack import checkpoint, config
 from kdtrack.cache import LogitTable, VerifyReport, build, mark_complete, open_store, pack, verify_store
-from kdtrack.cache.writer import _write_rows
+from kdtrack.cache.writer import _salvage_shard, _write_rows
 from kdtrack.cli import main
 from kdtrack.data import Normalisation, build_dataset
 from kdtrack.errors import CacheError
@@ -274,6 +274,26 @@ def test_a_failed_write_to_a_readable_shard_leaves_it_alone(unpacked: Path, tmp_
     with pytest.raises(ValueError, match="could not broadcast"):
         _write_rows(logits, 4 * CHUNK_ROWS, np.zeros((CHUNK_ROWS, 4), dtype=np.float32))  # 4 columns, not 5
     assert shard.read_bytes() == good
+
+
+def test_a_shard_is_salvaged_only_when_a_chunk_of_it_does_not_decode(unpacked: Path, tmp_path: Path):
+    """The rows of the shard holding a row, in the array's dtype, fill values where a chunk does not decode; nothing
+    (None) when every chunk of that shard decodes."""
+    packed = tmp_path / "packed.zarr"
+    pack(unpacked, packed, shard_bytes=3000)  # logits: shards of 4 chunks of 32 rows
+    logits = zarr.open_group(packed, mode="r+")["logits"]
+    original = zarr.open_group(unpacked, mode="r")["logits"][:]
+    assert _salvage_shard(logits, 5 * CHUNK_ROWS + 3) is None
+    shard = packed / "logits" / "c.1.0"  # chunks 4..7
+    offset, nbytes = shard_index(shard, 4)[2]  # chunk 6
+    flip(shard, int(offset + nbytes // 2))
+    first, rows = _salvage_shard(logits, 5 * CHUNK_ROWS + 3)
+    assert first == 4 * CHUNK_ROWS and rows.shape == (4 * CHUNK_ROWS, original.shape[1])
+    assert rows.dtype == logits.dtype == np.float32  # not the float64 of a bare np.full(..., 0.0)
+    lost = slice(2 * CHUNK_ROWS, 3 * CHUNK_ROWS)
+    assert np.isnan(rows[lost]).all()  # the fill value of logits: a lost row never passes for a real one
+    kept = np.r_[0:2 * CHUNK_ROWS, 3 * CHUNK_ROWS:4 * CHUNK_ROWS]
+    assert np.array_equal(rows[kept], original[4 * CHUNK_ROWS:8 * CHUNK_ROWS][kept])
 
 
 @pytest.mark.parametrize(("name", "rows"), [

@@ -60,3 +60,20 @@ def test_train_teacher_prints_the_id_of_a_finished_run_in_the_store(tmp_path: Pa
     assert run.info.status == "FINISHED" and run.data.tags["kdtrack.stage"] == "teacher"
     assert MlflowClient(tracking_uri=store).get_experiment(run.info.experiment_id).name == "console-script"
     assert (tmp_path / "mlruns").is_dir()  # the artifacts of the local store, next to it in the working folder
+
+
+def test_stdout_holds_the_result_alone_and_everything_else_goes_to_stderr(capsys):
+    """What a library prints on stdout while a command runs (MLflow's "View run" links over HTTP) is moved to
+    stderr; the command's result lines stay on stdout, in order; outside a command `result` prints to stdout."""
+    from kdtrack import output
+
+    with output.results_only():
+        print("🏃 View run teacher at: http://127.0.0.1:5000/#/experiments/1/runs/abc")
+        output.result("abc")
+        sys.stdout.write("🧪 View experiment at: http://127.0.0.1:5000/#/experiments/1\n")
+        output.result("table line")
+    output.result("after")
+    captured = capsys.readouterr()
+    assert captured.out == "abc\ntable line\nafter\n"
+    assert captured.err == ("🏃 View run teacher at: http://127.0.0.1:5000/#/experiments/1/runs/abc\n"
+                            "🧪 View experiment at: http://127.0.0.1:5000/#/experiments/1\n")

@@ -422,3 +422,14 @@ def test_logit_kd_moves_teacher_and_domain_onto_the_model_device() -> None:
              domains)
     _, terms = loss_fn(model, batch, epoch=0)
     assert terms["kd"].device.type == "meta" and terms["ce"].device.type == "meta"
+
+
+@pytest.mark.parametrize(("kwargs", "text"), [
+    ({"loss_type": "l2"}, "unknown loss_type 'l2' — use one of: kldiv, soft_ce"),
+    ({"reduction": "avg"}, "unknown reduction 'avg' — use one of: batchmean, mean, sum, none"),
+])
+def test_kd_loss_called_directly_names_the_bad_option(kwargs: dict, text: str):
+    logits = torch.zeros(2, 3)
+    with pytest.raises(ConfigError) as caught:
+        kd_loss(logits, logits, 4.0, **kwargs)
+    assert str(caught.value) == text

@@ -270,16 +270,21 @@ def test_label_smoothing_is_zero_under_kd(digits_teacher: str, method: str):
 
 # 7. The sweep's results.csv: mean and sample std over seeds of each student run's own metrics.
 
-def test_sweep_results_are_mean_and_sample_std(store: str):
-    sets = set_args(*TINY_TEACHER, "optim.epochs=1", "student.model.hidden=[6]", "student.optim.epochs=1",
-                    "cache.chunk_rows=512", "experiment=pinned-sweep")
+def test_sweep_results_are_mean_and_sample_std(store: str, digits_teacher: str):
+    """A sweep of students of a teacher trained before (--teacher-run-id): no teacher is trained for it."""
+    sets = set_args(*TINY_TEACHER, "student.model.hidden=[6]", "student.optim.epochs=1", "cache.chunk_rows=512",
+                    "experiment=pinned-sweep")
     code, out, err = cli("sweep", "--config", str(DIGITS), "--grid", "kd.alpha=0.5,0.9", "--seeds", "0,1",
-                         "--force-restart", *sets)
+                         "--teacher-run-id", digits_teacher, "--force-restart", *sets)
     assert code == 0, err
     parent = out.strip().splitlines()[-1]
     client = MlflowClient()
-    children = client.search_runs([client.get_experiment_by_name("pinned-sweep").experiment_id],
+    experiment = client.get_experiment_by_name("pinned-sweep").experiment_id
+    assert client.search_runs([experiment], "tags.`kdtrack.stage` = 'teacher'") == []
+    assert tracking.get_run(parent).data.tags["kdtrack.teacher_run_ids"] == digits_teacher
+    children = client.search_runs([experiment],
                                   f"tags.mlflow.parentRunId = '{parent}' AND tags.`kdtrack.stage` = 'student'")
+    assert {r.data.tags["kdtrack.teacher_run_ids"] for r in children} == {digits_teacher}
     by_alpha: dict[str, list[dict[str, float]]] = {}
     for run in children:
         by_alpha.setdefault(run.data.params["kd.alpha"], []).append(run.data.metrics)

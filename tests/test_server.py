@@ -21,7 +21,10 @@ def test_train_teacher_over_http(tracking_server: Server, tmp_path: Path):
     proc = subprocess.run([sys.executable, "-m", "kdtrack", "train-teacher", "--config", str(DIGITS), *args],
                           env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_id = proc.stdout.strip().splitlines()[-1]
+    # stdout is the run id alone, as `RUN=$(kdtrack train-teacher ...)` needs; MLflow's links over HTTP go to stderr
+    run_id = proc.stdout.strip()
+    assert proc.stdout == f"{run_id}\n" and len(run_id) == 32, proc.stdout
+    assert "View run teacher-" in proc.stderr and f"/runs/{run_id}" in proc.stderr, proc.stderr[-3000:]
     client = MlflowClient(tracking_uri=url)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"

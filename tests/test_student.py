@@ -102,6 +102,7 @@ def test_missing_cache_names_the_command_and_build_missing_builds_it(digits_teac
     assert MlflowClient().get_run(cache_id).data.tags["kdtrack.complete"] == "true"
 
 
+@pytest.mark.slow  # trains a teacher and a student of its own (~1.5 s on 2 cores)
 def test_stale_cache_is_refused(store: str):
     teacher = train_teacher.run(config.load(DIGITS, [*TINY_TEACHER, "experiment=stale"]))
     cache_logits.run(config.load(DIGITS, ["experiment=stale"]), teacher)

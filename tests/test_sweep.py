@@ -34,8 +34,13 @@ class Students:
         self.versions.append(version)
         return self.teacher, self.cache
 
-    def student_step(self, name, cfg, teacher, cache, version, force):
-        self.calls.append((name, cfg, teacher, cache, version, force))
+    def given_teachers_and_caches(self, cfg: config.Config, teacher_run_ids: list[str], version: str):
+        self.versions.append(version)
+        teachers = [SimpleNamespace(run_id=t) for t in teacher_run_ids]
+        return teachers, [SimpleNamespace(run_id=f"cache-of-{t}") for t in teacher_run_ids]
+
+    def student_step(self, name, cfg, teachers, caches, version, force):
+        self.calls.append((name, cfg, teachers, caches, version, force))
         key = (name.split("-")[1], cfg.seed)
         if key in self.fail:
             raise KdtrackError(f"student {name} diverged")
@@ -52,6 +57,7 @@ def students(monkeypatch: pytest.MonkeyPatch):
     def install(metrics, fail=()):
         fake = Students(metrics, fail)
         monkeypatch.setattr(sweep, "teacher_and_cache", fake.teacher_and_cache)
+        monkeypatch.setattr(sweep, "given_teachers_and_caches", fake.given_teachers_and_caches)
         monkeypatch.setattr(sweep, "student_step", fake.student_step)
         return fake
     return install
@@ -90,7 +96,7 @@ def test_sweep_table_csv_and_tags(store: str, students, capsys: pytest.CaptureFi
     assert [c[0] for c in fake.calls] == names
     assert [(c[1].kd.alpha, c[1].seed, c[1].teacher_mode) for c in fake.calls] == [
         (0.5, 0, "cached"), (0.5, 1, "cached"), (0.9, 0, "cached"), (0.9, 1, "cached")]
-    assert all(c[2] is fake.teacher and c[3] is fake.cache and c[5] is True for c in fake.calls)
+    assert all(c[2] == [fake.teacher] and c[3] == [fake.cache] and c[5] is True for c in fake.calls)
     (version,) = fake.versions
     assert isinstance(version, str) and version and all(c[4] == version for c in fake.calls)
 
@@ -188,3 +194,32 @@ def test_combinations_of_several_keys_are_named_by_all_of_them(store: str, stude
     assert [c[0] for c in fake.calls] == [f"student-{name}-seed0" for name in names]
     assert [(c[1].kd.alpha, c[1].kd.temperature) for c in fake.calls] == [(0.5, 2), (0.5, 8), (0.9, 2), (0.9, 8)]
     assert [r["combination"] for r in _csv_rows(parent, tmp_path)] == names
+
+
+def test_sweep_of_given_teacher_runs_trains_no_teacher(store: str, students, digits_teacher: str, capsys):
+    """--teacher-run-id: every student distils from the teacher runs given (fused when several) and their caches;
+    the config's teacher is not trained, and the parent names both."""
+    fake = students({("kd.alpha=0.5", 0): {"val/acc": 0.5}})
+    fake.teacher_and_cache = None  # a call would fail: no teacher is trained
+    parent = sweep.run(_cfg("sweep-given"), {"kd.alpha": ["0.5"]}, [0], force_restart=False,
+                       teacher_run_ids=[digits_teacher, digits_teacher])
+    ((name, _cfg_used, teachers, caches, _version, _force),) = fake.calls
+    assert name == "student-kd.alpha=0.5-seed0"
+    assert [t.run_id for t in teachers] == [digits_teacher, digits_teacher]
+    assert [c.run_id for c in caches] == [f"cache-of-{digits_teacher}"] * 2
+    tags = tracking.get_run(parent).data.tags
+    assert tags["kdtrack.teacher_run_ids"] == f"{digits_teacher},{digits_teacher}"
+    assert tags["kdtrack.cache_run_ids"] == f"cache-of-{digits_teacher},cache-of-{digits_teacher}"
+
+
+def test_sweep_refuses_a_run_that_is_no_teacher_before_it_starts(store: str, students, digits_teacher: str):
+    fake = students({})
+    experiment = "sweep-not-a-teacher"
+    cfg = _cfg(experiment)
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    cache_run = client.create_run(experiment_id, tags={"kdtrack.stage": "cache"}).info.run_id
+    with pytest.raises(KdtrackError, match=f"run {cache_run} .* is a cache run, not a teacher"):
+        sweep.run(cfg, {}, [0], force_restart=False, teacher_run_ids=[digits_teacher, cache_run])
+    assert client.search_runs([experiment_id], "tags.`kdtrack.stage` = 'sweep'") == [] and fake.calls == []

@@ -82,6 +82,7 @@ def _digest_now(cfg: config.Config) -> str:
     return dataset_digest(distillation_rows(build_dataset(cfg.data), cfg.cache.splits))
 
 
+@pytest.mark.slow  # a cache, then verify-cache over several recompute counts (~2 s on 2 cores)
 def test_edited_sample_fails_verification_whichever_rows_are_recomputed(tmp_path: Path, teacher: str) -> None:
     run_id, cfg, data = _cache(tmp_path, teacher, seed=1)
     built_for = _tags(run_id)["kdtrack.dataset_digest"]
@@ -172,6 +173,7 @@ def test_verify_waits_for_the_process_holding_the_cache_claim(tmp_path: Path, te
     assert finished > float(rest.strip())  # verification ended only after the holder let go
 
 
+@pytest.mark.slow  # a cache per case, each verified twice (~1 s each on 2 cores)
 @pytest.mark.parametrize("damage", ["missing", "unreadable"])
 def test_missing_or_unreadable_store_fails_and_marks_the_run_incomplete(tmp_path: Path, teacher: str,
                                                                         damage: str) -> None:
@@ -197,6 +199,7 @@ def test_missing_or_unreadable_store_fails_and_marks_the_run_incomplete(tmp_path
     assert damage != "missing" or not path.exists()  # nothing was rebuilt in its place
 
 
+@pytest.mark.slow  # trains a second teacher, then three verify-cache commands (~4 s on 2 cores)
 def test_changed_teacher_checkpoint_fails_provenance_and_is_not_repaired(tmp_path: Path, teacher: str) -> None:
     """The teacher run now holds (and records) other weights than the cache was built from: a cache of the old ones."""
     run_id, cfg, _ = _cache(tmp_path, teacher, seed=6)

@@ -89,6 +89,6 @@ def _row_nbytes(array: zarr.Array, src: str | Path) -> float:
     step = int(array.chunks[0]) * max(1, _ID_BLOCK // int(array.chunks[0]))
     total = 0
     for start in range(0, array.shape[0], step):
-        ids = np.asarray(_read(array, start, start + step, src)).reshape(-1).tolist()
+        ids = _read(array, start, start + step, src).tolist()  # one-dimensional: the sample ids
         total += sum(len(str(v).encode()) + _VLEN_PREFIX for v in ids)
     return total / max(array.shape[0], 1)

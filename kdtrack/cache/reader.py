@@ -145,7 +145,7 @@ class LogitTable:
             if index.dtype == torch.int64 and index.dim() == 1:
                 return self._logits.index_select(0, index).float()  # ~3x cheaper than advanced indexing
             return self._logits[index].float()
-        if isinstance(rows, torch.Tensor) and rows.device.type != "cpu":
+        if isinstance(rows, torch.Tensor):  # served on the rows' device
             return torch.from_numpy(self._gather(rows.cpu().numpy())).to(rows.device, non_blocking=True)
         return torch.from_numpy(self._gather(np.asarray(rows, dtype=np.int64)))
 

@@ -371,6 +371,6 @@ def _salvage_shard(array: zarr.Array, row: int) -> tuple[int, np.ndarray] | None
         try:
             pieces.append(array[lo:hi])
         except ValueError:
-            pieces.append(np.full((hi - lo, *array.shape[1:]), array.fill_value, dtype=array.dtype))
+            pieces.append(np.full((hi - lo, *array.shape[1:]), array.fill_value))  # a scalar of the array's dtype
             lost = True
     return (first, np.concatenate(pieces)) if lost else None

@@ -58,7 +58,7 @@ def run_many(cfg: Config, teacher_run_ids: list[str], *, force: bool = False, re
     with distributed.process_group(distributed.device_for(engine.resolve_device(cfg.device))):
         if distributed.rank() != 0:
             for teacher_run_id in teacher_run_ids:
-                run(cfg, teacher_run_id, force=force, resume=resume)
+                run(cfg, teacher_run_id)  # fills its chunks of rank 0's plan: force and resume are rank 0's
             return []
         if len(teacher_run_ids) == 1:
             return [run(cfg, teacher_run_ids[0], force=force, resume=resume)]
@@ -340,9 +340,15 @@ def upload_store(tracked: tracking.StageRun, path: Path) -> int:
 
 
 def _prior_rows(plan: _Plan, rows: IndexedDataset) -> cache.PriorRows | None:
-    """A finished cache of the same teacher whose rows are a prefix of these (samples were appended)."""
+    """A finished cache of the same teacher whose rows are a prefix of these (samples were appended). A candidate
+    whose store does not check out is marked incomplete and passed over, as `_reusable` does: else a cache whose
+    artifact is gone would fail every build of the grown data, --force included."""
     for other in tracking.find_runs({f"{T}compute_key": plan.compute_key, f"{T}complete": "true"}):
         n = int(other.data.tags.get(f"{T}num_rows", "0"))
         if 0 < n < len(rows) and dataset_digest(rows.take(np.arange(n))) == other.data.tags[f"{T}dataset_digest"]:
+            problem = store_problem(other)
+            if problem:
+                mark_broken(other, problem)
+                continue
             return cache.PriorRows(tracking.artifact_path(other.info.run_id, ARTIFACT), n)
     return None

@@ -106,8 +106,12 @@ def resolve_cache(cfg: Config, teacher: Teacher, train: IndexedDataset, digest: 
         cache_logits.mark_broken(candidate, problem)
     if build_missing:
         return CacheRef(cache_logits.run(cfg, teacher.run_id), teacher.run_id, key)  # under torchrun, every rank
-    others = f" ({len(of_teacher)} cache(s) of this teacher exist, for other data, checkpoint or dtype)" \
-        if of_teacher else ""
+    # Each cache of this key failed its store check above: it is for these rows, not for other data.
+    broken = sum(r.data.tags.get(f"{T}cache_key") == key for r in of_teacher)
+    counts = {"cache(s) of this teacher exist, for other data, checkpoint or dtype": len(of_teacher) - broken,
+              "cache(s) of these rows failed their store check and were marked incomplete": broken}
+    found = "; ".join(f"{n} {what}" for what, n in counts.items() if n)
+    others = f" ({found})" if found else ""
     raise CacheNotFound(
         f"no finished cache for teacher run {teacher.run_id} ({teacher.checkpoint_name}.pt) and dataset "
         f"{digest[:12]} in {cfg.cache.dtype}{others}",

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kdtrack import claims, config, tracking
+from kdtrack import claims, config, output, tracking
 from kdtrack.config import Config
 from kdtrack.errors import BadInput
 from kdtrack.stages import cache_logits, train_student, train_teacher
@@ -46,14 +46,14 @@ def run(cfg: Config, students: list[str], *, force: str | None = None) -> str:
         teacher, cache = teacher_and_cache(cfg, version, forced)
         steps = [teacher, cache]
         for method in students:
-            steps.append(student_step(f"student-{method}", student_config(cfg, method), teacher, cache, version,
+            steps.append(student_step(f"student-{method}", student_config(cfg, method), [teacher], [cache], version,
                                       "students" in forced))
         read = sorted({c for s in steps[2:] for c in _tag_ids(s.run_id, "cache_run_ids")})
         parent.set_tags({f"{T}steps": json.dumps({s.name: [s.run_id, s.reused] for s in steps}),
                          f"{T}teacher_run_ids": teacher.run_id, f"{T}cache_run_ids": ",".join(read) or cache.run_id})
         table = summary(steps)
         parent.client.log_text(parent.run_id, table + "\n", "summary.txt")
-        print(table)
+        output.result(table)
         return parent.run_id
 
 
@@ -62,22 +62,32 @@ def teacher_and_cache(cfg: Config, version: str, forced: set[str] = frozenset())
     teacher = run_step("teacher", cfg, TEACHER_KEYS, [], version, "teacher" in forced,
                        lambda: train_teacher.run(cfg),
                        resume=lambda rid: train_teacher.run(_own_config(rid), resume_run_id=rid))
-    cache = run_step("cache", cfg, CACHE_KEYS, [teacher.run_id], version, "cache" in forced,
-                     lambda: cache_logits.run(cfg, teacher.run_id, force="cache" in forced),
-                     valid=cache_logits.store_problem)
-    return teacher, cache
+    return teacher, cache_step(cfg, teacher.run_id, version, "cache" in forced)
 
 
-def student_step(name: str, cfg: Config, teacher: Step, cache: Step, version: str, force: bool) -> Step:
-    """One student of the teacher and cache steps: a cached-KD student reads exactly that cache; a baseline (method
-    none) depends on neither, so its step is shared by every teacher."""
+def given_teachers_and_caches(cfg: Config, teacher_run_ids: list[str], version: str) -> tuple[list[Step], list[Step]]:
+    """Teacher runs trained earlier (by train-teacher, or another pipeline), each with its cache step."""
+    teachers = [Step("teacher", run_id, True) for run_id in teacher_run_ids]
+    return teachers, [cache_step(cfg, t.run_id, version, False) for t in teachers]
+
+
+def cache_step(cfg: Config, teacher_run_id: str, version: str, force: bool) -> Step:
+    return run_step("cache", cfg, CACHE_KEYS, [teacher_run_id], version, force,
+                    lambda: cache_logits.run(cfg, teacher_run_id, force=force), valid=cache_logits.store_problem)
+
+
+def student_step(name: str, cfg: Config, teachers: list[Step], caches: list[Step], version: str,
+                 force: bool) -> Step:
+    """One student of the teacher steps (fused when several) and their cache steps: a cached-KD student reads exactly
+    those caches; a baseline (method none) depends on neither, so its step is shared by every teacher."""
     baseline = cfg.method == "none"
-    teachers = [] if baseline else [teacher.run_id]
-    caches = [cache.run_id] if cfg.method == "kd" and cfg.teacher_mode == "cached" else []
-    return run_step(name, cfg, STUDENT_KEYS, [] if baseline else [teacher.run_id, cache.run_id], version, force,
-                    lambda: train_student.run(cfg, teachers, cache_run_ids=caches),
-                    resume=lambda rid: train_student.run(_own_config(rid), teachers, resume_run_id=rid,
-                                                         cache_run_ids=caches))
+    teacher_ids = [] if baseline else [t.run_id for t in teachers]
+    read = [c.run_id for c in caches] if cfg.method == "kd" and cfg.teacher_mode == "cached" else []
+    upstream = [] if baseline else [*teacher_ids, *(c.run_id for c in caches)]
+    return run_step(name, cfg, STUDENT_KEYS, upstream, version, force,
+                    lambda: train_student.run(cfg, teacher_ids, cache_run_ids=read),
+                    resume=lambda rid: train_student.run(_own_config(rid), teacher_ids, resume_run_id=rid,
+                                                         cache_run_ids=read))
 
 
 def student_config(cfg: Config, method: str) -> Config:

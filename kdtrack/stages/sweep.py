@@ -9,10 +9,10 @@ import math
 import statistics
 import sys
 
-from kdtrack import config, tracking
+from kdtrack import config, output, teachers, tracking
 from kdtrack.config import Config
 from kdtrack.errors import BadInput, KdtrackError, TrainingError
-from kdtrack.stages.pipeline import FEATURE_METHODS, student_step, teacher_and_cache
+from kdtrack.stages.pipeline import FEATURE_METHODS, given_teachers_and_caches, student_step, teacher_and_cache
 
 T = tracking.TAG
 # Papers differ on which accuracy they report, so both are kept: the last epoch's and the best epoch's.
@@ -30,22 +30,30 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     return grid
 
 
-def run(cfg: Config, grid: dict[str, list[str]], seeds: list[int], *, force_restart: bool) -> str:
+def run(cfg: Config, grid: dict[str, list[str]], seeds: list[int], *, force_restart: bool,
+        teacher_run_ids: list[str] = ()) -> str:
     """Every combination of `grid` and `seeds` as a student run of the config's teacher and cache (both reused
-    when finished); FINISHED combinations are skipped unless `force_restart`. Returns the parent run id."""
+    when finished), or of the teacher runs given (fused when several) and their caches; FINISHED combinations are
+    skipped unless `force_restart`. Returns the parent run id."""
     if not seeds:
         raise BadInput("no seeds given", "pass at least one seed, e.g. --seeds 0")
+    for teacher_run_id in teacher_run_ids:
+        teachers.teacher_run(teacher_run_id)  # before the sweep's run starts
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
     configs = [(combo, seed, _combo_config(cfg, combo, seed)) for combo in combos for seed in seeds]
     version = tracking.code_version()
     with tracking.stage_run("sweep", cfg, run_name=f"sweep-{cfg.experiment}",
                             description=f"{len(configs)} students: grid {grid}, seeds {seeds}.") as parent:
-        teacher, cache = teacher_and_cache(cfg, version)
+        if teacher_run_ids:
+            given, caches = given_teachers_and_caches(cfg, list(teacher_run_ids), version)
+        else:
+            teacher, cache = teacher_and_cache(cfg, version)
+            given, caches = [teacher], [cache]
         results, failed = [], []
         for combo, seed, student_cfg in configs:
             name = ", ".join(f"{k}={v}" for k, v in combo.items()) or "default"
             try:
-                step = student_step(f"student-{name}-seed{seed}", student_cfg, teacher, cache, version,
+                step = student_step(f"student-{name}-seed{seed}", student_cfg, given, caches, version,
                                     force_restart)
             except KdtrackError as exc:  # one bad combination must not stop the others
                 print(f"sweep: {name} seed {seed} failed: {exc}", file=sys.stderr)
@@ -56,8 +64,9 @@ def run(cfg: Config, grid: dict[str, list[str]], seeds: list[int], *, force_rest
             raise TrainingError(f"all {len(configs)} sweep combinations failed", "see the errors above")
         table, rows = _table(results)
         parent.client.log_text(parent.run_id, _csv(rows), "results.csv")
-        parent.set_tags({f"{T}teacher_run_ids": teacher.run_id, f"{T}cache_run_ids": cache.run_id})
-        print(table)
+        parent.set_tags({f"{T}teacher_run_ids": ",".join(t.run_id for t in given),
+                         f"{T}cache_run_ids": ",".join(c.run_id for c in caches)})
+        output.result(table)
         if failed:
             raise TrainingError(f"{len(failed)} of {len(configs)} sweep runs failed ({'; '.join(failed)})",
                                 "fix the cause and run the same sweep again: finished runs are skipped")
