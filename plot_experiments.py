@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 matplotlib.use("Agg")  # files only, never a window
 
-from kdtrack import plots  # noqa: E402 (after the backend is chosen)
+from kdtrack import output, plots  # noqa: E402 (after the backend is chosen)
 from kdtrack.cli import expected_errors  # noqa: E402
 from kdtrack.errors import BadInput  # noqa: E402
 from kdtrack.plots import RunHistory  # noqa: E402
@@ -201,7 +201,7 @@ def plot(experiment: str, tags: tuple[str, ...], stage: str, run_ids: tuple[str,
     runs = finished(select(Selection(experiment, _tags(tags), stage, tuple(_split(run_ids)))), unfinished)
     paths = save(build_figures(runs, _split(metrics, ",")), Path(out), svg)
     for path in paths:
-        click.echo(str(path))
+        output.result(str(path))
     if log_to_run:
         tracking.log_files(log_to_run, paths, ARTIFACT_DIR)
         click.echo(f"logged {len(paths)} file(s) under {ARTIFACT_DIR}/ of run {log_to_run}", err=True)
