@@ -20,7 +20,9 @@ demo: $(INSTALLED)
 	$(VENV)/bin/kdtrack pipeline --config experiments/digits_transfer.yaml --students kd,none
 	$(PY) plot_experiments.py --experiment digits-transfer --out plots
 	@echo "Plots are in ./plots. Runs are in ./mlflow.db, artifacts in ./mlruns; compare them with:"
-	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db    (then open http://127.0.0.1:5000)"
+	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	@echo "then open the students of the demo (grouped by method, the columns that matter chosen):"
+	@$(PY) -c 'from kdtrack import tracking; print("  " + tracking.runs_view_url("digits-transfer", "kdtrack-students"))'
 
 # Everything, the tests marked slow (servers, PostgreSQL, mlflow run, torchrun, forked faults) included; CI runs this.
 test: $(INSTALLED)

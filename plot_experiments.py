@@ -5,7 +5,8 @@
     python plot_experiments.py --run-id A --run-id B --metric val/acc --log-to-run A
 
 Without --metric it draws learning curves, students against their teacher(s) and the no-KD baseline, the KD
-weight schedule and coverage, and epoch time per method, each where the selected runs logged the metrics.
+weight schedule and coverage, and epoch time per config, each where the selected runs logged the metrics. Runs of
+one config (params equal but for the seed) are drawn as one mean bar or curve with its spread and run count.
 """
 from __future__ import annotations
 
@@ -149,16 +150,11 @@ def _histories(runs: list[Any], keys: list[str]) -> list[RunHistory]:
     wanted = {run.info.run_id: [k for k in keys if k in run.data.metrics] for run in runs}
     read = {run_id: {key: [(step, _unclamp(value)) for step, value in history] for key, history in metrics.items()}
             for run_id, metrics in tracking.metric_histories(wanted).items()}
-    return [RunHistory(run_id=run.info.run_id, name=_name(run), metrics=read[run.info.run_id],
+    # the status travels too: a killed run is never averaged with finished ones, and its label says so
+    return [RunHistory(run_id=run.info.run_id, name=run.info.run_name or "", metrics=read[run.info.run_id],
                        stage=run.data.tags.get("kdtrack.stage", ""), method=run.data.tags.get("kdtrack.method", ""),
-                       tags=dict(run.data.tags), params=dict(run.data.params))
+                       tags=dict(run.data.tags), params=dict(run.data.params), status=run.info.status)
             for run in runs]
-
-
-def _name(run: Any) -> str:
-    """The run's name, with its status when it is not FINISHED: a killed run must not look like a result."""
-    name = run.info.run_name or ""
-    return name if run.info.status == "FINISHED" else f"{name} [{run.info.status}]"
 
 
 def _unclamp(value: float) -> float:

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import cache_build, epoch_cost, lookup, machine, scaling, storage, tracking_overhead
+from benchmarks import (cache_build, data_loading, epoch_cost, lookup, machine, over_budget, scaling, storage,
+                        tracking_overhead)
 from benchmarks.report import Report
 from benchmarks.settings import SCALES, make_settings
 from kdtrack.errors import BadInput, KdtrackError
 
-BENCHMARKS = {m.NAME: m for m in (epoch_cost, cache_build, lookup, storage, tracking_overhead, scaling)}
+BENCHMARKS = {m.NAME: m for m in (epoch_cost, cache_build, lookup, storage, tracking_overhead, scaling, data_loading,
+                                  over_budget)}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

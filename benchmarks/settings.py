@@ -32,6 +32,7 @@ class Settings:
     lookup_batch: int
     lookup_rounds: int
     storage_rows: int
+    data_files: int  # data loading: one .npy file per sample
     scaling_rows: int  # N of N, 4N, 16N
     scaling_repeats: int
     scaling_input_shape: tuple[int, ...]
@@ -60,15 +61,15 @@ class Settings:
 SCALES: dict[str, dict[str, Any]] = {
     "quick": dict(repeats=2, input_shape=(3, 8, 8), num_classes=100, teacher="resnet8", student="resnet8",
                   epoch_rows=128, train_batch=32, build_rows=256, build_batch=64,
-                  lookup_rows=2_000, lookup_batch=256, lookup_rounds=5, storage_rows=2_000,
+                  lookup_rows=2_000, lookup_batch=256, lookup_rounds=5, storage_rows=2_000, data_files=500,
                   scaling_rows=256, scaling_repeats=1, scaling_input_shape=(3, 8, 8), scaling_num_classes=1000),
     "small": dict(repeats=9, input_shape=(3, 32, 32), num_classes=100, teacher="resnet20", student="resnet8",
                   epoch_rows=1_024, train_batch=64, build_rows=2_048, build_batch=256,
-                  lookup_rows=1_000_000, lookup_batch=256, lookup_rounds=30, storage_rows=100_000,
+                  lookup_rows=1_000_000, lookup_batch=256, lookup_rounds=30, storage_rows=100_000, data_files=20_000,
                   scaling_rows=16_384, scaling_repeats=3, scaling_input_shape=(3, 16, 16), scaling_num_classes=1000),
     "large": dict(repeats=5, input_shape=(3, 32, 32), num_classes=100, teacher="resnet32x4", student="resnet8x4",
                   epoch_rows=50_000, train_batch=128, build_rows=100_000, build_batch=1024,
-                  lookup_rows=1_000_000, lookup_batch=256, lookup_rounds=30, storage_rows=1_000_000,
+                  lookup_rows=1_000_000, lookup_batch=256, lookup_rounds=30, storage_rows=1_000_000, data_files=60_000,
                   scaling_rows=32_768, scaling_repeats=3, scaling_input_shape=(3, 16, 16), scaling_num_classes=1000),
 }
 

@@ -98,6 +98,83 @@ def train_teacher(config_path: str | None, sets: tuple[str, ...], overrides: str
     output.result(run_id)
 
 
+@main.command("register-teacher")
+@config_options
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "model", required=True, metavar="DEFINITION",
+              help="torchvision:<name>, timm:<name> (random init; weights from FILES) or package.module:Class.")
+@click.option("--model-kwargs", default="{}", metavar="JSON",
+              help='Keyword arguments of the model, e.g. \'{"width": 64}\'.')
+@click.option("--input-shape", required=True, metavar="C,H,W", help="Shape of one input sample, e.g. 3,32,32.")
+@click.option("--num-classes", default="auto", show_default=True, metavar="N|auto",
+              help="Class count (needed for torchvision/timm; auto: read from the output of a user class).")
+@click.option("--normalisation", required=True, metavar="none|MEAN/STD",
+              help="What the teacher's inputs were normalised with: none, or MEAN/STD, each one value or one per "
+                   "channel, e.g. 0.485,0.456,0.406/0.229,0.224,0.225.")
+@click.option("--name", "names", multiple=True, help="Run name per file (default: teacher-<file stem>).")
+@expected_errors
+def register_teacher(config_path: str | None, sets: tuple[str, ...], overrides: str, files: tuple[str, ...],
+                     model: str, model_kwargs: str, input_shape: str, num_classes: str, normalisation: str,
+                     names: tuple[str, ...]) -> None:
+    """Register checkpoints trained elsewhere as teacher runs; prints one run id per file."""
+    from kdtrack.stages import register_teacher as stage
+
+    definition = stage.Definition(model=model, kwargs=_json_object(model_kwargs, "--model-kwargs"),
+                                  input_shape=_shape(input_shape), num_classes=_classes(num_classes),
+                                  normalisation=_normalisation(normalisation))
+    cfg = load_config(config_path, sets, overrides)
+    for run_id in stage.run(cfg, list(files), definition, list(names) or None):
+        output.result(run_id)
+
+
+def _json_object(text: str, option: str) -> dict[str, Any]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{option} is not JSON: {exc}", f'e.g. {option} \'{{"num_classes": 10}}\'') from exc
+    if not isinstance(value, dict):
+        raise BadInput(f"{option} must be a JSON object, got {text}", f'e.g. {option} \'{{"num_classes": 10}}\'')
+    return value
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise BadInput(f"--input-shape {text!r} is not a list of positive sizes", "e.g. --input-shape 3,32,32")
+    return shape
+
+
+def _classes(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 2:
+        raise BadInput(f"--num-classes {text!r} is not a class count >= 2", "e.g. --num-classes 10, or auto")
+    return int(text)
+
+
+def _normalisation(text: str) -> Any:
+    from kdtrack.data import Normalisation
+
+    if text == "none":
+        return Normalisation(0.0, 1.0)
+    mean, _, std = text.partition("/")
+    try:
+        means, stds = [float(m) for m in mean.split(",")], [float(s) for s in std.split(",")]
+    except ValueError:
+        means = stds = []
+    if not means or len(means) != len(stds):
+        raise BadInput(f"--normalisation {text!r} is not none or MEAN/STD with as many stds as means",
+                       "e.g. --normalisation 0.5/0.25 or --normalisation 0.485,0.456,0.406/0.229,0.224,0.225")
+    if len(means) == 1:
+        return Normalisation.from_dict({"mean": means[0], "std": stds[0]})
+    return Normalisation.from_dict({"mean": means, "std": stds})
+
+
 def _cache_overrides(dtype: str | None, checkpoint: str | None, splits: tuple[str, ...],
                      allow: tuple[str, ...]) -> list[str]:
     """Command-line cache options as config overrides, so the resolved config logs them."""
@@ -196,9 +273,11 @@ def recompute_logits(config_path: str | None, sets: tuple[str, ...], overrides: 
 @click.option("--build-missing-cache", is_flag=True, help="Build a teacher's cache when none matches, instead of stopping.")
 @click.option("--resume", "resume_run_id", default=None, metavar="RUN_ID",
               help="Continue an interrupted student run from its last.pt, with the run's own config and teachers.")
+@click.option("--register", default="", metavar="NAME",
+              help="Register the student's MLflow model (runs:/<run>/model) as a new version of NAME.")
 @expected_errors
 def train_student(config_path: str | None, sets: tuple[str, ...], overrides: str, teacher_run_ids: tuple[str, ...],
-                  build_missing_cache: bool, resume_run_id: str | None) -> None:
+                  build_missing_cache: bool, resume_run_id: str | None, register: str) -> None:
     """Train a student from cached teacher logits (or live teachers); prints the student run id."""
     from kdtrack import tracking
     from kdtrack.stages import train_student as stage
@@ -217,6 +296,10 @@ def train_student(config_path: str | None, sets: tuple[str, ...], overrides: str
     run_id = stage.run(cfg, ids, build_missing_cache=build_missing_cache, resume_run_id=resume_run_id,
                        cache_run_ids=caches)
     if run_id:  # under torchrun only rank 0 has one
+        if register:
+            from kdtrack import mlflow_model
+
+            mlflow_model.register(run_id, register)
         output.result(run_id)
 
 
@@ -236,8 +319,11 @@ def lineage(run_id: str) -> None:
 @click.option("--students", default="kd,none", show_default=True, help="Student methods, comma-separated.")
 @click.option("--force", type=click.Choice(["teacher", "cache", "students"]), default=None,
               help="Rerun this step and every step after it, even if a finished run could be reused.")
+@click.option("--register", default="", metavar="NAME",
+              help="Register the first student's MLflow model as a new version of NAME.")
 @expected_errors
-def pipeline(config_path: str | None, sets: tuple[str, ...], overrides: str, students: str, force: str | None) -> None:
+def pipeline(config_path: str | None, sets: tuple[str, ...], overrides: str, students: str, force: str | None,
+             register: str) -> None:
     """Teacher -> cache -> students under one parent run, reusing finished steps; prints a summary table."""
     from kdtrack.stages import pipeline as stage
 
@@ -245,7 +331,7 @@ def pipeline(config_path: str | None, sets: tuple[str, ...], overrides: str, stu
     methods = [m.strip() for m in students.split(",") if m.strip()]
     for method in methods:
         config.override(cfg, [f"method={method}"])  # an unknown method fails here, before any run starts
-    output.result(stage.run(cfg, methods, force=force))
+    output.result(stage.run(cfg, methods, force=force, register=register or None))
 
 
 @main.command("sweep")

@@ -29,13 +29,21 @@ class DataConfig:
     test_fraction: float = 0.15
     num_samples: int = 2000  # synthetic: labelled samples
     num_classes: int = 10  # synthetic
-    input_shape: tuple[int, ...] = (1, 8, 8)  # synthetic
+    # synthetic: the generated shape ((1, 8, 8) when empty); other sources: each sample read as this shape (same
+    # number of values), e.g. [1, 40] for (40,) files; empty keeps the stored shape
+    input_shape: tuple[int, ...] = ()
     unlabeled_samples: int = 0  # synthetic: extra samples in split `unlabeled`
     batch_size: int = field(default=64, metadata={"min": 1})
     eval_batch_size: int = field(default=512, metadata={"min": 1})
     num_workers: int = field(default=0, metadata={"min": 0})
     # fraction of train labels a student keeps; the rest become its unlabelled transfer set (teachers see all)
     student_labels: float = 1.0
+    # training-batch augmentation ops, e.g. [crop(padding=4), flip, mixup(alpha=0.2)] (kdtrack.augment)
+    augment: tuple[str, ...] = field(default=(), metadata={"check": "augment"})
+
+    def __post_init__(self) -> None:
+        if self.source == "synthetic" and not self.input_shape:
+            object.__setattr__(self, "input_shape", (1, 8, 8))
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,8 @@ class ModelConfig:
     hidden: tuple[int, ...] = field(default=(128,), metadata={"min": 1})  # mlp hidden widths
     channels: int = field(default=32, metadata={"min": 1})  # cnn base width
     dropout: float = 0.0  # mlp and cnn
+    # cnn and resnets: 1d convolutions over (C, L) or (L,) samples, 2d over (C, H, W) or (H, W); auto: 1d for (L,)
+    conv: str = field(default="auto", metadata={"choices": ("auto", "1d", "2d")})
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,13 @@ class CacheConfig:
     chunk_rows: int = 0  # 0: about 4 MiB of logits per chunk
     # teacher re-run on this many random rows before the cache is marked complete
     verify_rows: int = field(default=64, metadata={"min": 1})
+    # K > 0: cache the teacher on K augmented views of each row (data.augment's per-sample ops, drawn from
+    # (view_seed, view, row)); a student then trains on the very views whose targets it reads
+    views: int = field(default=0, metadata={"min": 0})
+    # RAM a student may hold cached logits in, per process; 0: half the available memory over the processes of
+    # this machine. A cache over it is read by whole chunks, and the student's rows are shuffled chunk-aware
+    memory_budget_mb: float = field(default=0.0, metadata={"min": 0})
+    view_seed: int = field(default=0, metadata={"min": 0, "max": SEED_MAX})
 
 
 @dataclass(frozen=True)
@@ -97,6 +114,8 @@ class KDConfig:
     regression: str = field(default="none", metadata={"choices": ("none", "mse", "l1")})  # signal teachers
     # method=ft: pre-training of the paraphraser on the frozen teacher
     paraphraser_epochs: int = field(default=10, metadata={"min": 1})
+    # an augmenting student may learn from a cache of clean-sample logits (targets of inputs it never sees)
+    clean_targets: bool = False
 
 
 @dataclass(frozen=True)
@@ -261,6 +280,10 @@ def _check_value(value: Any, spec: dataclasses.Field, key: str) -> None:
     """The limits in a field's metadata: `choices`, `nonempty`, and bounds `min`, `max` (inclusive) and `above`
     (exclusive), which hold for every item of a tuple."""
     meta = spec.metadata
+    if meta.get("check") == "augment" and value:
+        from kdtrack import augment  # imports torch: only for a config that augments
+
+        augment.parse(value, key)
     choices = meta.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{key}={value!r} is not allowed", f"choose one of: {', '.join(choices)}")

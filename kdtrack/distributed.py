@@ -33,6 +33,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_world_size() -> int:
+    """Processes on this machine (torchrun's LOCAL_WORLD_SIZE); 1 outside a distributed launch."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if is_distributed() else 1
+
+
 def local_rank() -> int:
     """This process's index on its machine; picks its CUDA device."""
     return int(os.environ.get("LOCAL_RANK", "0"))
@@ -63,10 +68,16 @@ def destroy() -> None:
 
 @contextlib.contextmanager
 def process_group(device: torch.device) -> Iterator[None]:
-    """Joined process group for the block when distributed; left again only if this block joined it."""
+    """Joined process group for the block when distributed; left again only if this block joined it.
+
+    Leaving is collective: after the block, each rank waits at a barrier until every rank is done, so none tears
+    the group down while another still uses it (a rank that left early was seen to abort at exit, SIGABRT, while
+    rank 0 still tested its student). On an exception a rank leaves at once: torchrun stops the others."""
     joined = init(device)
     try:
         yield
+        if joined:
+            barrier()
     finally:
         if joined:
             destroy()

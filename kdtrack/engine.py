@@ -86,27 +86,77 @@ def make_scaler(dtype: torch.dtype | None, device: torch.device) -> torch.amp.Gr
     return None
 
 
-def masked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean CE over rows with `y >= 0`; exactly 0 (still differentiable) when no row is labelled. No host sync."""
-    labelled = y >= 0
-    per_row = F.cross_entropy(logits.float(), y.clamp(min=0), reduction="none", label_smoothing=label_smoothing)
+def masked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0,
+                         mix: Any | None = None) -> torch.Tensor:
+    """Mean CE over rows with `y >= 0`; exactly 0 (still differentiable) when no row is labelled. No host sync.
+
+    With `mix` (an augment.Mix: the batch's inputs were mixed), row i's loss is λ_i·CE(y_i) + (1-λ_i)·CE(y_j) with
+    j its partner, over the rows whose own and partner's labels are both known."""
+    def ce(labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none", label_smoothing=label_smoothing)
+
+    if mix is None:
+        labelled = y >= 0
+        per_row = ce(y)
+    else:
+        partner = y[mix.partner]
+        labelled = (y >= 0) & (partner >= 0)
+        lam = mix.lam.float()
+        per_row = lam * ce(y) + (1 - lam) * ce(partner)
     return (per_row * labelled).sum() / labelled.sum().clamp(min=1)
 
 
+def batch_mix(batch: Sequence[Any]) -> Any | None:
+    """The augment.Mix an augmenting loss appended to a training batch (x, y, row, domain, mix); None otherwise."""
+    return batch[4] if len(batch) > 4 else None
+
+
+class LabelledCE:
+    """The mean plain CE (no smoothing) on labelled rows over the steps since the last `pop`: `train/ce_labelled`,
+    the one figure every student and teacher logs, so a KD student and its no-KD baseline compare on it."""
+
+    def __init__(self) -> None:
+        self._sum: torch.Tensor | None = None  # on the loss's device: no host sync per step
+        self._steps = 0
+
+    def add(self, logits: torch.Tensor, y: torch.Tensor, ce: torch.Tensor | None = None,
+            mix: Any | None = None) -> None:
+        """Count one step; `ce` is that plain CE when the caller has it already (`mix`: mixed as the inputs were)."""
+        plain = (masked_cross_entropy(logits, y, mix=mix) if ce is None else ce).detach()
+        self._sum = plain if self._sum is None else self._sum + plain
+        self._steps += 1
+
+    def pop(self) -> dict[str, float]:
+        """`{"ce_labelled": mean}` (one host sync), then reset; {} if no step ran."""
+        if self._sum is None:
+            return {}
+        mean = float(self._sum) / self._steps
+        self._sum, self._steps = None, 0
+        return {"ce_labelled": mean}
+
+
 class SupervisedLoss:
-    """Plain supervised training: `(model, batch, epoch) -> (logits, {"ce": loss})`, unlabelled rows skipped."""
+    """Plain supervised training: `(model, batch, epoch) -> (logits, {"ce": loss})`, unlabelled rows skipped;
+    `pop_stats` gives `ce_labelled` (LabelledCE)."""
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label smoothing must be in [0, 1), got {label_smoothing}",
                               "e.g. train.label_smoothing=0.1")
         self.label_smoothing = label_smoothing
+        self.stats = LabelledCE()
 
     def __call__(
         self, model: nn.Module, batch: Sequence[Any], epoch: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(batch[0])  # (B, C)
-        return logits, {"ce": masked_cross_entropy(logits, batch[1], self.label_smoothing)}
+        mix = batch_mix(batch)
+        loss = masked_cross_entropy(logits, batch[1], self.label_smoothing, mix)
+        self.stats.add(logits, batch[1], loss if self.label_smoothing == 0 else None, mix)
+        return logits, {"ce": loss}
+
+    def pop_stats(self) -> dict[str, float]:
+        return self.stats.pop()
 
 
 def train_one_epoch(

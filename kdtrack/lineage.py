@@ -45,6 +45,9 @@ def _line(run: Any) -> str:
         parts.append(f"method {tags[f'{T}method']}")
     if tags.get(f"{T}dataset_digest"):
         parts.append(f"dataset {tags[f'{T}dataset_digest'][:12]}")
+    if tags.get(f"{T}source_file"):  # a teacher registered from a checkpoint written elsewhere
+        parts.append(f"registered from {tags[f'{T}source_file']} (sha256 {tags.get(f'{T}source_sha256', '?')[:12]}), "
+                     f"model {tags.get(f'{T}model_definition', '?')} ({tags.get(f'{T}model_code_version', '?')[:19]})")
     if tags.get(f"{T}checkpoint_sha256"):
         parts.append(f"checkpoint {tags[f'{T}checkpoint_sha256'][:12]}")
     if tags.get(f"{T}cache_key"):

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdtrack import external
 from kdtrack.config import ModelConfig
 from kdtrack.errors import ModelError
 
@@ -29,7 +30,8 @@ _RESNETS: dict[str, tuple[int, int, tuple[int, int, int]]] = {
 MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", *_RESNETS)
 
 # Options each model takes from ModelConfig; anything else in a spec is refused.
-_OPTIONS: dict[str, tuple[str, ...]] = {"mlp": ("hidden", "dropout"), "cnn": ("channels", "dropout")}
+_OPTIONS: dict[str, tuple[str, ...]] = {"mlp": ("hidden", "dropout"), "cnn": ("channels", "dropout", "conv"),
+                                        **{name: ("conv",) for name in _RESNETS}}
 _DEFAULTS = ModelConfig()
 
 
@@ -43,13 +45,19 @@ class ModelSpec:
     kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.name not in MODEL_NAMES:
+        outside = external.is_external(self.name)
+        if outside:
+            external.check_definition(self.name)
+        elif self.name not in MODEL_NAMES:
             raise ModelError(f"unknown model {self.name!r}", f"choose one of: {', '.join(MODEL_NAMES)}")
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 2:
             raise ModelError(f"num_classes must be an int >= 2, got {self.num_classes!r}",
                              "check the dataset's labels; a classifier needs at least two classes")
-        object.__setattr__(self, "input_shape", _checked_shape(self.name, self.input_shape))
-        object.__setattr__(self, "kwargs", _checked_options(self.name, self.kwargs))
+        # A model from outside the zoo takes whatever input and keyword arguments its own code takes.
+        object.__setattr__(self, "kwargs", dict(self.kwargs) if outside else _checked_options(self.name, self.kwargs))
+        conv = self.kwargs.get("conv", "auto") if not outside else "auto"
+        object.__setattr__(self, "input_shape", _checked_shape("mlp" if outside else self.name, self.input_shape,
+                                                               conv=conv))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain str/int/float/list/dict form, loadable with `torch.load(weights_only=True)`."""
@@ -77,8 +85,8 @@ def spec_from_config(cfg: ModelConfig, num_classes: int, input_shape: tuple[int,
     if cfg.name not in MODEL_NAMES:
         raise ModelError(f"unknown model {cfg.name!r}", f"set {prefix}.name to one of: {', '.join(MODEL_NAMES)}")
     options = {k: getattr(cfg, k) for k in _OPTIONS.get(cfg.name, ())}
-    _checked_shape(cfg.name, input_shape, prefix)  # here first, so hints name `prefix`; ModelSpec re-checks
-    _checked_options(cfg.name, options, prefix)
+    _checked_options(cfg.name, options, prefix)  # here first, so hints name `prefix`; ModelSpec re-checks
+    _checked_shape(cfg.name, input_shape, prefix, conv=options.get("conv", "auto"))
     return ModelSpec(cfg.name, num_classes, tuple(input_shape), options)
 
 
@@ -87,28 +95,40 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if not isinstance(spec, ModelSpec):
         raise ModelError(f"build_model needs a ModelSpec, got {type(spec).__name__}",
                          "wrap a checkpoint's dict with ModelSpec.from_dict(d)")
+    if external.is_external(spec.name):
+        return external.build(spec.name, spec.num_classes, spec.kwargs)
     if spec.name == "mlp":
         return MLP(spec.num_classes, spec.input_shape, **spec.kwargs)
     if spec.name == "cnn":
         return SmallCNN(spec.num_classes, spec.input_shape, **spec.kwargs)
     blocks, stem, widths = _RESNETS[spec.name]
-    return CifarResNet(spec.num_classes, spec.input_shape, blocks, stem, widths)
+    return CifarResNet(spec.num_classes, spec.input_shape, blocks, stem, widths, **spec.kwargs)
 
 
-def _checked_shape(name: str, shape: Any, prefix: str = "model") -> tuple[int, ...]:
+def _checked_shape(name: str, shape: Any, prefix: str = "model", *, conv: str = "auto") -> tuple[int, ...]:
     if not isinstance(shape, (tuple, list)) or not shape or not all(
         isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape
     ):
         raise ModelError(f"input shape must be a non-empty tuple of positive ints, got {shape!r}",
                          "pass the per-sample shape without the batch axis, e.g. (1, 8, 8) or (64,)")
     shape = tuple(shape)
-    if name != "mlp" and len(shape) == 1:
-        raise ModelError(f"{name} needs a 2D feature map (C, H, W) or (H, W), got 1D input shape {shape}",
-                         f"use --set {prefix}.name=mlp for flat feature vectors, or reshape the features to (C, H, W)")
-    if name != "mlp" and len(shape) > 3:
-        raise ModelError(f"{name} takes (C, H, W) or (H, W) input, got {len(shape)}D input shape {shape}",
-                         f"fold the extra axes into channels, or use --set {prefix}.name=mlp")
+    if name == "mlp":
+        return shape
+    if conv_dims(shape, conv) == 1 and len(shape) > 2:
+        raise ModelError(f"{name} with 1d convolutions takes (C, L) or (L,) input, got {len(shape)}D input shape "
+                         f"{shape}", f"use --set {prefix}.conv=2d for (C, H, W) maps")
+    if conv_dims(shape, conv) == 2 and len(shape) == 1:
+        raise ModelError(f"{name} with 2d convolutions needs a 2D feature map (C, H, W) or (H, W), got 1D input "
+                         f"shape {shape}", f"use --set {prefix}.conv=1d (or auto) for signals and sequences")
+    if len(shape) > 3:
+        raise ModelError(f"{name} takes (C, H, W), (H, W), (C, L) or (L,) input, got {len(shape)}D input shape "
+                         f"{shape}", f"fold the extra axes into channels, or use --set {prefix}.name=mlp")
     return shape
+
+
+def conv_dims(shape: tuple[int, ...], conv: str) -> int:
+    """1 or 2: the convolutions a conv net uses for samples of `shape` (conv "auto": 1d for (L,) only)."""
+    return {"1d": 1, "2d": 2}.get(conv, 1 if len(shape) == 1 else 2)
 
 
 def _checked_options(name: str, options: Any, prefix: str = "model") -> dict[str, Any]:
@@ -130,6 +150,8 @@ def _checked_options(name: str, options: Any, prefix: str = "model") -> dict[str
     if "channels" in full and not _positive_int(full["channels"]):
         raise ModelError(f"cnn channels must be a positive int, got {full['channels']!r}",
                          f"e.g. --set {prefix}.channels=32")
+    if "conv" in full and full["conv"] not in ("auto", "1d", "2d"):
+        raise ModelError(f"conv must be auto, 1d or 2d, got {full['conv']!r}", f"e.g. --set {prefix}.conv=1d")
     if "dropout" in full:
         p = full["dropout"]
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
@@ -142,49 +164,59 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-class _ImageModel(nn.Module):
-    """Shared input handling for conv nets: an (H, W) spec means one channel, added here."""
+class _ConvModel(nn.Module):
+    """Shared input handling for conv nets: 2d convolutions over (C, H, W) samples ((H, W): one channel, added
+    here), 1d convolutions over (C, L) samples ((L,): one channel). `conv` picks; auto is 1d for (L,) only."""
 
-    def __init__(self, input_shape: tuple[int, ...]) -> None:
+    def __init__(self, input_shape: tuple[int, ...], conv: str) -> None:
         super().__init__()
-        self.add_channel = len(input_shape) == 2
+        self.dims = conv_dims(input_shape, conv)
+        self.add_channel = len(input_shape) == self.dims
         self.in_channels = 1 if self.add_channel else input_shape[0]
         self.input_rank = len(input_shape)
 
-    def _as_image(self, x: torch.Tensor) -> torch.Tensor:
+    def _as_maps(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.input_rank + 1:
             raise ModelError(f"{type(self).__name__} expects a batch of rank {self.input_rank + 1}, "
-                             f"got shape {tuple(x.shape)}", "feed (B, C, H, W) or (B, H, W) as in the model spec")
-        return x.unsqueeze(1) if self.add_channel else x  # (B, C, H, W)
+                             f"got shape {tuple(x.shape)}", "feed (B, *input_shape) as in the model spec")
+        return x.unsqueeze(1) if self.add_channel else x  # (B, C, H, W) or (B, C, L)
+
+
+# The layers of a conv net for 1d or 2d convolutions; parameter names and shapes (but the kernel's) agree.
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d}
+_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
+_MAXPOOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d}
+_AVGPOOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d}
 
 
 def _init_conv_bn(module: nn.Module) -> None:
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-    elif isinstance(module, nn.BatchNorm2d):
+    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
 
 
-def _pool() -> nn.Module:
-    # A real submodule, so a hook on `pool` sees the (B, C) penultimate embedding for any H, W >= 1.
-    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+def _pool(dims: int) -> nn.Module:
+    # A real submodule, so a hook on `pool` sees the (B, C) penultimate embedding for any map size >= 1.
+    return nn.Sequential(_AVGPOOL[dims](1), nn.Flatten(1))
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers plus an identity or 1x1 conv-BN (option B) shortcut, ReLU after the sum."""
+    """Two 3x3 (or 3) conv-BN layers plus an identity or 1x1 conv-BN (option B) shortcut, ReLU after the sum."""
 
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, dims: int = 2) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        conv, norm = _CONV[dims], _NORM[dims]
+        self.conv1 = conv(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = norm(cout)
+        self.conv2 = conv(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = norm(cout)
         # Not in-place: whatever module a hook captures (even bn1) keeps its own output intact.
         self.relu = nn.ReLU()
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(conv(cin, cout, 1, stride, bias=False), norm(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -192,56 +224,57 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class CifarResNet(_ImageModel):
+class CifarResNet(_ConvModel):
     """3x3 stem, three stages of `blocks` BasicBlocks (stride 1, 2, 2), global average pool, linear."""
 
     def __init__(self, num_classes: int, input_shape: tuple[int, ...], blocks: int, stem: int,
-                 widths: tuple[int, int, int]) -> None:
-        super().__init__(input_shape)
-        self.stem = nn.Sequential(nn.Conv2d(self.in_channels, stem, 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(stem), nn.ReLU())
-        self.layer1 = self._stage(stem, widths[0], blocks, stride=1)
-        self.layer2 = self._stage(widths[0], widths[1], blocks, stride=2)
-        self.layer3 = self._stage(widths[1], widths[2], blocks, stride=2)
-        self.pool = _pool()
+                 widths: tuple[int, int, int], conv: str = "auto") -> None:
+        super().__init__(input_shape, conv)
+        self.stem = nn.Sequential(_CONV[self.dims](self.in_channels, stem, 3, 1, 1, bias=False),
+                                  _NORM[self.dims](stem), nn.ReLU())
+        self.layer1 = self._stage(stem, widths[0], blocks, 1, self.dims)
+        self.layer2 = self._stage(widths[0], widths[1], blocks, 2, self.dims)
+        self.layer3 = self._stage(widths[1], widths[2], blocks, 2, self.dims)
+        self.pool = _pool(self.dims)
         self.fc = nn.Linear(widths[2], num_classes)
         self.feature_layers: tuple[str, ...] = ("layer1", "layer2", "layer3", "pool")
         self.apply(_init_conv_bn)
 
     @staticmethod
-    def _stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
-        first = BasicBlock(cin, cout, stride)
-        return nn.Sequential(first, *(BasicBlock(cout, cout, 1) for _ in range(blocks - 1)))
+    def _stage(cin: int, cout: int, blocks: int, stride: int, dims: int) -> nn.Sequential:
+        first = BasicBlock(cin, cout, stride, dims)
+        return nn.Sequential(first, *(BasicBlock(cout, cout, 1, dims) for _ in range(blocks - 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(self._as_image(x))
-        x = self.layer3(self.layer2(self.layer1(x)))  # (B, widths[2], ceil(H/4), ceil(W/4))
+        x = self.stem(self._as_maps(x))
+        x = self.layer3(self.layer2(self.layer1(x)))  # (B, widths[2], ceil(H/4), ceil(W/4)) or (..., ceil(L/4))
         return self.fc(self.pool(x))
 
 
-class SmallCNN(_ImageModel):
+class SmallCNN(_ConvModel):
     """Three conv-BN-ReLU-maxpool blocks (channels x1, x2, x4), global average pool, dropout, linear."""
 
-    def __init__(self, num_classes: int, input_shape: tuple[int, ...], channels: int, dropout: float) -> None:
-        super().__init__(input_shape)
+    def __init__(self, num_classes: int, input_shape: tuple[int, ...], channels: int, dropout: float,
+                 conv: str = "auto") -> None:
+        super().__init__(input_shape, conv)
         widths = (channels, 2 * channels, 4 * channels)
-        self.block1 = self._block(self.in_channels, widths[0])
-        self.block2 = self._block(widths[0], widths[1])
-        self.block3 = self._block(widths[1], widths[2])
-        self.pool = _pool()
+        self.block1 = self._block(self.in_channels, widths[0], self.dims)
+        self.block2 = self._block(widths[0], widths[1], self.dims)
+        self.block3 = self._block(widths[1], widths[2], self.dims)
+        self.pool = _pool(self.dims)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(widths[2], num_classes)
         self.feature_layers: tuple[str, ...] = ("block1", "block2", "block3", "pool")
         self.apply(_init_conv_bn)
 
     @staticmethod
-    def _block(cin: int, cout: int) -> nn.Sequential:
+    def _block(cin: int, cout: int, dims: int) -> nn.Sequential:
         # ceil_mode keeps a 1-pixel map at 1 pixel instead of pooling it away.
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                             nn.MaxPool2d(2, ceil_mode=True))
+        return nn.Sequential(_CONV[dims](cin, cout, 3, 1, 1, bias=False), _NORM[dims](cout), nn.ReLU(),
+                             _MAXPOOL[dims](2, ceil_mode=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.block3(self.block2(self.block1(self._as_image(x))))
+        x = self.block3(self.block2(self.block1(self._as_maps(x))))
         return self.fc(self.dropout(self.pool(x)))
 
 

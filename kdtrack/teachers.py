@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from kdtrack import checkpoint, tracking
+from kdtrack import checkpoint, external, tracking
 from kdtrack.data import IndexedDataset, Normalisation
 from kdtrack.errors import CheckpointError, RunNotFound, TeacherError
 from kdtrack.models import ModelSpec, build_model
@@ -41,14 +41,33 @@ def load_teacher(run_id: str, device: torch.device, which: str = "best") -> Teac
     payload = checkpoint.load(path, map_location="cpu")
     check_recorded_hash(run, which, payload["weights_sha256"])
     spec = ModelSpec.from_dict(payload["spec"])
+    if external.is_external(spec.name):
+        check_code_version(run, spec.name)
     model = build_model(spec)
-    _load_weights(model, payload["state_dict"], run_id, which)
+    external.load_strict(model, payload["state_dict"], f"checkpoint {which!r} of run {run_id}",
+                         "the checkpoint's spec and weights disagree; retrain or re-save the teacher")
     model.to(device).eval()
     for param in model.parameters():
         param.requires_grad_(False)
     return Teacher(run_id=run_id, run_name=run.info.run_name, checkpoint_name=which, model=model, spec=spec,
                    normalisation=Normalisation.from_dict(payload["normalisation"]),
                    checkpoint_sha256=payload["weights_sha256"], payload=payload)
+
+
+# Tags of a teacher registered from a checkpoint written elsewhere (kdtrack register-teacher).
+SOURCE_TAGS = {"file": f"{tracking.TAG}source_file", "sha256": f"{tracking.TAG}source_sha256",
+               "definition": f"{tracking.TAG}model_definition", "code": f"{tracking.TAG}model_code_version"}
+
+
+def check_code_version(run: Any, definition: str) -> None:
+    """Refuse a registered teacher whose model code is no longer the code it was registered with: the same weights
+    in a changed class are another model."""
+    recorded = run.data.tags.get(SOURCE_TAGS["code"], "none recorded")
+    now = external.code_version(definition)
+    if now != recorded:
+        raise TeacherError(f"teacher run {run.info.run_id} was registered with {definition} at {recorded[:19]} but "
+                           f"that code is now {now[:19]}",
+                           "restore that code, or register the checkpoint again with this code (a new teacher run)")
 
 
 def teacher_run(run_id: str) -> Any:
@@ -83,32 +102,6 @@ def check_recorded_hash(run: Any, which: str, actual: str, also: tuple[str, ...]
             f"{(recorded or 'no hash')[:12]} when it wrote it",
             "the file was replaced or the run is incomplete; re-download or retrain it, never rename checkpoints "
             "between runs")
-
-
-def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], run_id: str, which: str) -> None:
-    """Strict load, with a summary of what does not fit instead of torch's wall of text."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    where = f"checkpoint {which!r} of run {run_id}"
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{where} does not match its architecture: {len(missing)} missing keys ({_few(missing)}), "
-            f"{len(unexpected)} unexpected keys ({_few(unexpected)})",
-            "the checkpoint's spec and weights disagree; retrain or re-save the teacher",
-        )
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise CheckpointError(
-                f"{where}: layer {key} has shape {tuple(value.shape)} in the checkpoint but "
-                f"{tuple(own[key].shape)} in the model built from its spec",
-                "the checkpoint's spec and weights disagree; retrain or re-save the teacher",
-            )
-    model.load_state_dict(state)
-
-
-def _few(keys: list[str], n: int = 3) -> str:
-    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") if keys else "none"
 
 
 def check_fits(teacher: Teacher, dataset: IndexedDataset, classes: bool = True) -> None:

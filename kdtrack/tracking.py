@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -49,6 +50,9 @@ _checked_stores: set[tuple[str, str]] = set()
 
 def configure() -> MlflowClient:
     uri = tracking_uri()
+    # MLflow draws a progress bar on stderr for every artifact download once tqdm is importable: a command's stderr
+    # is its notes and one-line errors, and kdtrack reports its own long work
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if uri.startswith(("http://", "https://")):
         for key, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
@@ -92,26 +96,31 @@ class StageRun:
     def log_artifacts(self, folder: str | Path, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 
-    def log_dataset(self, *, name: str, digest: str, context: str, source: dict[str, str]) -> None:
-        """Show the dataset in the run's inputs, identified by kdtrack's digest."""
+    def log_dataset(self, *, name: str, digest: str, context: str, source: dict[str, str],
+                    digest_tag: str = "dataset_digest") -> None:
+        """Show the dataset in the run's inputs, identified by a kdtrack hash: the dataset digest of its rows, or
+        another (`digest_tag`, e.g. `cache_key` for a logit cache), whose full value goes into the source."""
         dataset = MetaDataset(
-            CodeDatasetSource({**source, f"{TAG}dataset_digest": digest}),
+            CodeDatasetSource({**source, f"{TAG}{digest_tag}": digest}),
             name=name,
             digest=digest[:MLFLOW_DIGEST_CHARS],
         )
         mlflow.log_input(dataset, context=context)
 
 
-# The `mlflow run` entry point that launches each stage: MLFLOW_RUN_ID is adopted only from a launch of that very one.
-ENTRY_POINTS = {"teacher": "train_teacher", "cache": "cache_logits", "cache-group": "cache_logits",
-                "student": "train_student", "recompute": "recompute_logits", "pipeline": "main"}
+# The `mlflow run` entry points that launch each stage: MLFLOW_RUN_ID is adopted only from a launch of one of them.
+ENTRY_POINTS = {"teacher": ("train_teacher", "register_teacher"), "teacher-group": ("register_teacher",),
+                "cache": ("cache_logits",), "cache-group": ("cache_logits",), "student": ("train_student",),
+                "recompute": ("recompute_logits",), "pipeline": ("main",)}
 
 
 @contextlib.contextmanager
 def stage_run(stage: str, cfg: Any, *, run_name: str, description: str = "", resume_run_id: str | None = None,
-              expect: dict[str, str] | None = None, same_config: bool = True) -> Iterator[StageRun]:
+              expect: dict[str, str] | None = None, same_config: bool = True,
+              params: dict[str, Any] | None = None) -> Iterator[StageRun]:
     """Start (or resume) a run of `stage`, nested under the active run if any; it ends FINISHED, or
-    FAILED/KILLED if the body raises.
+    FAILED/KILLED if the body raises. A new run logs `params` (default: the whole config flattened) and the resolved
+    config as `config.yaml`; a resumed run keeps the name and params it has.
 
     An existing run (`resume_run_id`, or the run of an `mlflow run` launch of this stage's entry point) is checked
     before anything is written to it: its stage, its state (never a FINISHED run, never one a live process owns),
@@ -146,7 +155,7 @@ def stage_run(stage: str, cfg: Any, *, run_name: str, description: str = "", res
             tags["mlflow.note.content"] = description
         run.set_tags(tags)
         if not resume_run_id:
-            _log_config(run, cfg)
+            _log_config(run, cfg, config.flatten(cfg) if params is None else params)
         yield run
     except KeyboardInterrupt:  # Ctrl-C, and SIGTERM (the CLI turns it into Terminated)
         _end_run("KILLED")
@@ -194,7 +203,7 @@ def check_writable(run: Any, stage: str, expect: dict[str, str] | None = None, c
         raise RunDeleted(f"run {rid} ({name}) is deleted", f"restore it with `mlflow runs restore --run-id {rid}`, "
                          "or start a new run")
     found = tags.get(f"{TAG}stage")
-    launched = tags.get("mlflow.project.entryPoint") == ENTRY_POINTS.get(stage)
+    launched = tags.get("mlflow.project.entryPoint") in ENTRY_POINTS.get(stage, ())
     if found != stage and not (found is None and launched):
         what = f"a {found} run" if found else "not a kdtrack run"
         raise BadInput(f"run {rid} ({name}) is {what}, not a {stage} run; nothing was written to it",
@@ -242,11 +251,11 @@ def _is_launch_of(run_id: str, stage: str) -> bool:
     """Whether MLFLOW_RUN_ID names the run `mlflow run` created for this stage's entry point; anything else (a
     stale id left in the environment) is ignored, with a note."""
     run = _run_or_none(configure(), run_id)
-    ok = run is not None and run.data.tags.get("mlflow.project.entryPoint") == ENTRY_POINTS.get(stage) \
+    ok = run is not None and run.data.tags.get("mlflow.project.entryPoint") in ENTRY_POINTS.get(stage, ()) \
         and run.info.status == "RUNNING"
     if not ok:
         print(f"note: ignoring MLFLOW_RUN_ID={run_id}: it is not a running `mlflow run` launch of the "
-              f"{ENTRY_POINTS.get(stage, stage)} entry point", file=sys.stderr)
+              f"{' or '.join(ENTRY_POINTS.get(stage, (stage,)))} entry point", file=sys.stderr)
     return ok
 
 
@@ -270,11 +279,61 @@ def _use_experiment(client: MlflowClient, name: str) -> None:
     mlflow.set_experiment(experiment_id=experiment.experiment_id)
 
 
-def _log_config(run: StageRun, cfg: Any) -> None:
-    params = [Param(k, _param_value(v)) for k, v in config.flatten(cfg).items()]
+def _log_config(run: StageRun, cfg: Any, values: dict[str, Any]) -> None:
+    params = [Param(k, _param_value(v)) for k, v in values.items()]
     for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
         run.client.log_batch(run.run_id, params=params[start:start + 100])
     run.client.log_text(run.run_id, config.to_yaml(cfg), "config.yaml")
+
+
+def run_link(run_id: str) -> str:
+    """A markdown link to a run by name, `[name](#/experiments/<id>/runs/<run id>)`: the MLflow UI renders run
+    descriptions as markdown, and this is the run's stable address there."""
+    run = get_run(run_id)
+    return f"[{run.info.run_name}](#/experiments/{run.info.experiment_id}/runs/{run_id})"
+
+
+def set_description(run_id: str, text: str) -> None:
+    """Replace the run's description (markdown, shown on its page and in the runs table)."""
+    StageRun.of(run_id).set_tags({"mlflow.note.content": text})
+
+
+# A view of an experiment's runs table that the MLflow UI (3.x) loads from the experiment tag
+# `mlflow.sharedViewState.<key>` when the page's URL has `?viewStateShareKey=<key>`: its `state` (a JSON string)
+# holds search facets (`searchFilter`, `orderByKey`, ...) and table state (`selectedColumns`, ...).
+VIEW_TAG = "mlflow.sharedViewState."
+UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def save_runs_view(experiment: str, key: str, name: str, *, search_filter: str, params: list[str],
+                   metrics: list[str], group_by_param: str = "") -> None:
+    """Save a named view of `experiment`'s runs table (a filter, the param and metric columns shown, and rows grouped
+    by a param's value, with averages per group), which the UI lists among its saved views and opens at
+    `runs_view_url`. Grouped rows are listed flat; ungrouped, child runs hide under their collapsed parent."""
+    client = configure()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise BadInput(f"no experiment named {experiment!r} in {tracking_uri()}", "run the pipeline first")
+    columns = [f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in metrics]
+    state = {"searchFilter": search_filter, "orderByKey": "attributes.start_time", "orderByAsc": False,
+             "selectedColumns": columns}
+    if group_by_param:
+        state["groupBy"] = {"aggregateFunction": "average",
+                            "groupByKeys": [{"mode": "param", "groupByData": group_by_param}]}
+    stamp = _now_ms()
+    envelope = {"name": name, "createdAt": stamp, "updatedAt": stamp, "state": json.dumps(state)}
+    client.set_experiment_tag(found.experiment_id, f"{VIEW_TAG}{key}", json.dumps(envelope))
+
+
+def runs_view_url(experiment: str, key: str, base: str | None = None) -> str:
+    """The address of the runs table of `experiment` opened on the saved view `key` (see `save_runs_view`), on
+    `base` (default: the tracking server, or where `mlflow ui` serves for a local store)."""
+    uri = tracking_uri()
+    base = (base or (uri if uri.startswith(("http://", "https://")) else UI_URL)).rstrip("/")
+    found = configure().get_experiment_by_name(experiment)
+    if found is None:
+        raise BadInput(f"no experiment named {experiment!r} in {tracking_uri()}", "run the pipeline first")
+    return f"{base}/#/experiments/{found.experiment_id}/runs?viewStateShareKey={key}&compareRunsMode=TABLE"
 
 
 def load_run_config(run_id: str, cls: type) -> Any:
@@ -403,7 +462,7 @@ def _check_reachable(client: MlflowClient) -> None:
 
 
 def _param_value(value: Any) -> str:
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)
     return str(value)
 

@@ -61,7 +61,7 @@ def test_store_round_trip_reads_with_plain_zarr(tmp_path: Path) -> None:
 
     group = zarr.open_group(tmp_path / "c.zarr", mode="r")  # plain zarr, no kdtrack
     attrs = dict(group.attrs)
-    assert attrs["format"] == FORMAT == "kdtrack.logits/1"
+    assert attrs["format"] == FORMAT == "kdtrack.logits/2"
     assert (attrs["num_rows"], attrs["chunk_rows"], attrs["output_shape"], attrs["num_classes"]) == (512, 32, [5], 5)
     assert (attrs["dtype"], attrs["complete"], attrs["initialised"]) == ("float32", False, True)
     assert attrs["fidelity"] is None and attrs["num_classes"] == NUM_CLASSES
@@ -75,6 +75,11 @@ def test_store_round_trip_reads_with_plain_zarr(tmp_path: Path) -> None:
     assert group["sample_ids"].chunks == group["labels"].chunks == (32,)
     assert all("crc32c" in str(group[name].metadata.to_dict()["codecs"]) for name in ("logits", "sample_ids", "labels"))
     assert group["sample_ids"][:].tolist() == ds.sample_ids
+    ids_utf8 = group["sample_ids_utf8"][:]  # (512, 8): "tiny/511" is the longest id
+    assert ids_utf8.shape == (512, 8) and [bytes(r).rstrip(b"\0").decode() for r in ids_utf8] == ds.sample_ids
+    assert {name: group[name].metadata.dimension_names for name in group.array_keys()} == {
+        "logits": ("row", "class"), "sample_ids": ("row",), "sample_ids_utf8": ("row", "byte"),
+        "labels": ("row",), "chunk_done": ("chunk",)}
     np.testing.assert_array_equal(group["labels"][:], ds.labels)
     # chunk-aligned batches of the model's own forward give exactly the cached numbers
     expected = np.concatenate([forward_chunked(model, ds, range(s, s + CHUNK_ROWS)) for s in range(0, 512, CHUNK_ROWS)])
@@ -101,7 +106,8 @@ def test_cache_key_is_canonical_and_sensitive() -> None:
 def test_default_chunk_rows_targets_four_mib() -> None:
     assert default_chunk_rows([100], "float16") == 20736  # 4 MiB / 200 B = 20971 rows, down to a multiple of 256
     assert default_chunk_rows([10], "float32") == 104704  # 4 MiB / 40 B = 104857
-    assert default_chunk_rows([4096, 64], "float32") == 256  # 1 MiB rows: the floor
+    assert default_chunk_rows([4096, 64], "float32") == 4  # 1 MiB rows: 4 MiB holds 4, no 256-row floor
+    assert default_chunk_rows([4096, 1024], "float32") == 1  # a 16 MiB row: one row a chunk
 
 
 # ---------------------------------------------------------------- determinism and resume
@@ -398,6 +404,18 @@ def test_default_chunks_hold_about_4_mib_but_never_more_rows_than_the_store(tmp_
                       chunk_rows=None).chunks_written == 0
 
 
+def test_an_explicit_chunk_rows_above_the_row_count_is_capped_and_resumes(tmp_path: Path) -> None:
+    """cache.chunk_rows=100000 on 64 rows gives one chunk of 64 rows (not 100000 padded ones), and a resume asking for
+    the same 100000 takes that store as its own."""
+    ds = tiny_dataset(64)
+    assert build_tiny(tmp_path / "c.zarr", ds, chunk_rows=100_000).chunks_written == 1
+    group = zarr.open_group(tmp_path / "c.zarr", mode="r")
+    assert group.attrs["chunk_rows"] == 64 and group["logits"].chunks == (64, NUM_CLASSES)
+    assert build_tiny(tmp_path / "c.zarr", ds, chunk_rows=100_000).chunks_written == 0
+    with pytest.raises(BadInput, match="chunk_rows=32 but the store being resumed"):
+        build_tiny(tmp_path / "c.zarr", ds, chunk_rows=32)
+
+
 def test_a_store_never_fully_created_is_rebuilt_even_with_the_same_key(tmp_path: Path) -> None:
     """`initialised` false means the store is not to be trusted: a build recreates it rather than resuming it."""
     path, ds = tmp_path / "c.zarr", tiny_dataset(64)
@@ -416,6 +434,78 @@ def test_refuses_to_delete_a_foreign_directory(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- outputs and storage
+
+
+def _digits_train_rows():
+    from conftest import DIGITS
+
+    from kdtrack import config
+    from kdtrack.data import build_dataset
+    return build_dataset(config.load(DIGITS).data).select(["train"])
+
+
+def _build_digits(path: Path, ds, dtype: str) -> None:
+    """A cache of a linear 10-class teacher over the digits rows `ds` (no normalisation), default chunk_rows."""
+    from kdtrack.data import dataset_digest
+    digest = dataset_digest(ds)
+    key = cache_key(checkpoint_sha256="ckpt0", dataset_digest=digest, splits=["train"], dtype=dtype,
+                    output_shape=[10], normalisation=None)
+    attrs = {"teacher_run_id": "run0", "checkpoint_sha256": "ckpt0", "dataset_digest": digest, "cache_key": key,
+             "splits": ["train"], "normalisation": None, "model_spec": {"name": "linear"}}
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    build(path, model, ds, attrs=attrs, device=CPU, batch_size=512, dtype=dtype, progress=False)
+
+
+def _expected_store_bytes(ids: list[str], rows_per_chunk: int, classes: int, itemsize: int) -> int:
+    """Bytes of a store's chunk objects by the README's formula, counted by hand. Every array pads its last chunk to
+    whole `rows_per_chunk` rows (padded ids are empty strings) and ends each chunk object in a 4-byte CRC32C."""
+    chunks = -(-len(ids) // rows_per_chunk)
+    rows = chunks * rows_per_chunk  # padded
+    id_bytes = [len(sid.encode()) for sid in ids]
+    logits = rows * classes * itemsize + 4 * chunks
+    labels = rows * 8 + 4 * chunks
+    ids_utf8 = rows * max(id_bytes) + 4 * chunks
+    ids_vlen = 4 * chunks + 4 * rows + sum(id_bytes) + 4 * chunks  # per chunk a count, per row a length, then bytes
+    flags = (1 + 4) * chunks
+    return logits + labels + ids_utf8 + ids_vlen + flags
+
+
+def _json_bytes(path: Path) -> int:
+    return sum(os.path.getsize(p) for p in path.rglob("zarr.json"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_small_real_cache_takes_the_bytes_the_readme_formula_gives(tmp_path: Path, dtype: str) -> None:
+    """The 1,259-row digits cache (10 classes) is one chunk of exactly its rows, and its size on disk is the README's
+    formula: per sample 4·C (2·C for float16) + 8 (label) + 4 + len(id) (string id) + longest id (id bytes), per
+    chunk 25 B of checksums, counts and flags, plus the JSON metadata."""
+    ds = _digits_train_rows()
+    assert len(ds) == 1259 and max(len(s) for s in ds.sample_ids) == len("digits/1796")
+    _build_digits(tmp_path / "c.zarr", ds, dtype)
+    assert zarr.open_group(tmp_path / "c.zarr", mode="r").attrs["chunk_rows"] == 1259
+    itemsize = 4 if dtype == "float32" else 2
+    data = _expected_store_bytes(ds.sample_ids, 1259, 10, itemsize)
+    assert store_nbytes(tmp_path / "c.zarr") == data + _json_bytes(tmp_path / "c.zarr")
+    mean_id = sum(len(s) for s in ds.sample_ids) / 1259
+    assert data / 1259 == pytest.approx(10 * itemsize + 8 + 4 + mean_id + 11 + 25 / 1259)
+    assert _json_bytes(tmp_path / "c.zarr") < 4096
+
+
+def test_a_float16_cache_is_smaller_than_a_float32_one_by_the_logit_bytes(tmp_path: Path) -> None:
+    ds = _digits_train_rows()
+    sizes = {}
+    for dtype in ("float32", "float16"):
+        _build_digits(tmp_path / dtype, ds, dtype)
+        sizes[dtype] = store_nbytes(tmp_path / dtype) - _json_bytes(tmp_path / dtype)
+    assert sizes["float32"] - sizes["float16"] == 1259 * 10 * 2  # two bytes less per logit, nothing else differs
+
+
+def test_a_padded_last_chunk_is_counted_by_the_formula(tmp_path: Path) -> None:
+    """70 rows in chunks of 32: three chunks, the last padded by 26 rows in every array."""
+    ds = tiny_dataset(70)
+    build_tiny(tmp_path / "c.zarr", ds)
+    assert store_nbytes(tmp_path / "c.zarr") == (_expected_store_bytes(ds.sample_ids, 32, NUM_CLASSES, 4)
+                                                 + _json_bytes(tmp_path / "c.zarr"))
 
 
 def test_float16_storage_halves_the_logit_bytes(tmp_path: Path) -> None:

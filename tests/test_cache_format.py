@@ -14,8 +14,9 @@ import pytest
 import zarr
 
 from kdtrack import __version__
-from kdtrack.cache.format import (cache_key, chunk_bounds, create_store, default_chunk_rows, done_flags, is_store,
-                                  mark_complete, mark_incomplete, num_chunks, open_store, remove_store, store_nbytes)
+from kdtrack.cache.format import (MAX_CHUNK_BYTES, cache_key, chunk_bounds, chunk_rows_for, create_store,
+                                  default_chunk_rows, done_flags, is_store, mark_complete, mark_incomplete, num_chunks,
+                                  open_store, remove_store, store_nbytes)
 from kdtrack.errors import BadInput, CacheError
 
 ATTRS = {"teacher_run_id": "teach01", "checkpoint_sha256": "c" * 64, "dataset_digest": "d" * 64, "cache_key": "k",
@@ -62,27 +63,30 @@ def test_created_store_holds_ids_labels_and_derived_attributes(tmp_path):
     assert group.read_only is False  # opened for the build to write into
     stored = zarr.open_group(path, mode="r")
     assert stored["sample_ids"][:].tolist() == ["a", "b", "c"]
+    assert stored["sample_ids_utf8"][:].tolist() == [[97], [98], [99]]  # ord("a"), ord("b"), ord("c")
     assert stored["labels"][:].tolist() == [2, -1, 0] and stored["labels"].dtype == np.int64
     assert stored["chunk_done"][:].tolist() == [False, False] and np.isnan(stored["logits"][:]).all()
     attrs = dict(stored.attrs)
     assert {k: attrs[k] for k in ATTRS} == ATTRS
     assert {k: attrs[k] for k in ("format", "num_classes", "output_shape", "dtype", "chunk_rows", "num_rows",
                                   "complete", "initialised", "fidelity", "kdtrack_version")} == {
-        "format": "kdtrack.logits/1", "num_classes": 4, "output_shape": [4], "dtype": "float16", "chunk_rows": 2,
+        "format": "kdtrack.logits/2", "num_classes": 4, "output_shape": [4], "dtype": "float16", "chunk_rows": 2,
         "num_rows": 3, "complete": False, "initialised": True, "fidelity": None, "kdtrack_version": __version__}
     created = datetime.datetime.fromisoformat(attrs["created_at"])
     assert abs((datetime.datetime.now(datetime.UTC) - created).total_seconds()) < 60
     crc = {"name": "crc32c"}
-    expected = {  # name: (shape, chunk shape, fill value, data type, serializer)
-        "logits": ([3, 4], [2, 4], "NaN", "float16", "bytes"),
-        "sample_ids": ([3], [2], "", "string", "vlen-utf8"),
-        "labels": ([3], [2], -2, "int64", "bytes"),
-        "chunk_done": ([2], [1], False, "bool", "bytes"),
+    expected = {  # name: (shape, chunk shape, fill value, data type, serializer, dimension names)
+        "logits": ([3, 4], [2, 4], "NaN", "float16", "bytes", ["row", "class"]),
+        "sample_ids": ([3], [2], "", "string", "vlen-utf8", ["row"]),
+        "sample_ids_utf8": ([3, 1], [2, 1], 0, "uint8", "bytes", ["row", "byte"]),
+        "labels": ([3], [2], -2, "int64", "bytes", ["row"]),
+        "chunk_done": ([2], [1], False, "bool", "bytes", ["chunk"]),
     }
-    for name, (shape, chunks, fill, dtype, serializer) in expected.items():
+    assert sorted(p.name for p in path.iterdir() if p.is_dir()) == sorted(expected)
+    for name, (shape, chunks, fill, dtype, serializer, dims) in expected.items():
         meta = array_meta(path, name)
         assert (meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"], meta["fill_value"],
-                meta["data_type"]) == (shape, chunks, fill, dtype), name
+                meta["data_type"], meta["dimension_names"]) == (shape, chunks, fill, dtype, dims), name
         assert [c["name"] for c in meta["codecs"]] == [serializer, "crc32c"] and meta["codecs"][1] == crc, name
     assert [p.name for p in tmp_path.joinpath("deep").iterdir()] == ["logits.zarr"]  # no creation folder left
 
@@ -94,6 +98,46 @@ def test_signal_outputs_have_no_class_count(tmp_path):
     attrs = zarr.open_group(tmp_path / "s.zarr", mode="r").attrs
     assert attrs["num_classes"] is None and attrs["output_shape"] == [30, 3]
     assert array_meta(tmp_path / "s.zarr", "logits")["chunk_grid"]["configuration"]["chunk_shape"] == [1, 30, 3]
+    assert array_meta(tmp_path / "s.zarr", "logits")["dimension_names"] == ["row", "output_0", "output_1"]
+
+
+def test_ids_are_also_stored_as_zero_padded_utf8_bytes(tmp_path):
+    """`sample_ids_utf8` is (N, longest UTF-8 id) uint8, each id's bytes then zeros; an id holding NUL is refused."""
+    ids = ["b/é", "a", "dir/x.npy"]  # "é" is two bytes: widths 4, 1, 9
+    create_store(tmp_path / "s.zarr", sample_ids=ids, labels=[0, 1, 2], output_shape=(2,), dtype="float32",
+                 chunk_rows=2, attrs=ATTRS)
+    raw = zarr.open_group(tmp_path / "s.zarr", mode="r")["sample_ids_utf8"][:]
+    assert raw.dtype == np.uint8 and raw.shape == (3, 9)
+    assert raw.tolist() == [[98, 47, 0xC3, 0xA9, 0, 0, 0, 0, 0], [97, 0, 0, 0, 0, 0, 0, 0, 0],
+                            [100, 105, 114, 47, 120, 46, 110, 112, 121]]
+    with pytest.raises(BadInput) as err:
+        create_store(tmp_path / "n.zarr", sample_ids=["a\0b"], labels=[0], output_shape=(2,), dtype="float32",
+                     chunk_rows=1, attrs=ATTRS)
+    assert err.value.what == "sample id 'a\\x00b' holds a NUL character" and not (tmp_path / "n.zarr").exists()
+
+
+@pytest.mark.parametrize(("rows", "shape", "dtype", "requested", "expected"), [
+    (1259, (10,), "float32", None, 1259),  # 4 MiB would be 104704 rows: capped at the 1259 there are
+    (10**6, (10,), "float32", None, 104704),  # 4 MiB / 40 B = 104857, down to a multiple of 256
+    (1000, (1024, 1024), "float32", None, 1),  # one 4 MiB row: one row a chunk, not 256 (1 GiB)
+    (1000, (5000,), "float32", None, 209),  # 20000 B rows: 4 MiB holds 209, fewer than 256
+    (70, (3,), "float32", 10**6, 70),  # an explicit request is capped at the row count too
+    (10**6, (1024,), "float32", 65536, 65536),  # 65536 x 4 KiB = 256 MiB: the largest chunk allowed
+    (5, (2**28,), "float16", 1, 1),  # each row alone is 512 MiB: one row a chunk is still allowed
+])
+def test_chunk_rows_never_exceed_the_rows_and_a_chunk_is_bounded(rows, shape, dtype, requested, expected):
+    """chunk_rows_for: default ~4 MiB (at most), never more rows than the store, explicit requests bounded."""
+    assert chunk_rows_for(rows, shape, dtype, requested) == expected
+
+
+def test_a_requested_chunk_above_the_bound_is_refused():
+    """More than MAX_CHUNK_BYTES (256 MiB) of logits per chunk is refused with the largest chunk_rows allowed."""
+    assert MAX_CHUNK_BYTES == 256 * 2**20
+    with pytest.raises(BadInput) as err:
+        chunk_rows_for(10**6, (1024,), "float32", 65537)  # 65537 x 4096 B, one row over 256 MiB
+    assert err.value.what == ("chunk_rows=65537 gives chunks of 268,439,552 B of logits, more than 268,435,456 B "
+                              "(256 MiB)")  # 65537 * 4096 and 2**28
+    assert err.value.fix == "use chunk_rows <= 65536, or 0 for about 4 MiB per chunk"
 
 
 @pytest.mark.parametrize(("ids", "labels", "chunk_rows"), [
@@ -177,7 +221,7 @@ def test_open_is_remove_refuse_what_is_not_a_cache(tmp_path):
     zarr.open_group(tmp_path / "foreign.zarr", mode="w", attributes={"format": "other/1"})
     with pytest.raises(CacheError) as err:
         open_store(tmp_path / "foreign.zarr")
-    assert err.value.what == (f"{tmp_path / 'foreign.zarr'} is not a kdtrack cache of format kdtrack.logits/1 "
+    assert err.value.what == (f"{tmp_path / 'foreign.zarr'} is not a kdtrack cache of format kdtrack.logits/2 "
                               "(format attribute: 'other/1')")
     assert (tmp_path / "foreign.zarr").is_dir()
     new_store(path)
@@ -262,7 +306,7 @@ def test_cache_key_is_the_sha256_of_a_compact_sorted_json():
     """The cache key is sha256 of compact, key-sorted JSON; NaN is refused."""
     key = cache_key(checkpoint_sha256="c1", dataset_digest="d1", splits=["val", "train"], dtype="float16",
                     output_shape=[10], normalisation={"std": 2, "mean": 1}, topk=5)
-    canonical = ('{"checkpoint_sha256":"c1","dataset_digest":"d1","dtype":"float16","format":"kdtrack.logits/1",'
+    canonical = ('{"checkpoint_sha256":"c1","dataset_digest":"d1","dtype":"float16","format":"kdtrack.logits/2",'
                  '"normalisation":{"mean":1.0,"std":2.0},"output_shape":[10],"splits":["train","val"],"topk":5}')
     assert key == hashlib.sha256(canonical.encode()).hexdigest()
     with pytest.raises(ValueError):  # NaN has no canonical JSON form

@@ -21,7 +21,7 @@ DIGEST = "ab12cd34ef56" + "0" * 52
 
 
 def write_store(path: Path, logits: np.ndarray, chunk_rows: int = CHUNK, **attrs: object) -> Path:
-    """A `kdtrack.logits/1` store holding `logits`, ids `s/<i>`, labels i % 5, every chunk done."""
+    """A `kdtrack.logits/2` store holding `logits`, ids `s/<i>`, labels i % 5, every chunk done."""
     n = len(logits)
     group = zarr.open_group(path, mode="w")
     arr = group.create_array("logits", shape=logits.shape, chunks=(chunk_rows, *logits.shape[1:]),
@@ -35,7 +35,7 @@ def write_store(path: Path, logits: np.ndarray, chunk_rows: int = CHUNK, **attrs
     group.create_array("chunk_done", shape=(num_chunks,), chunks=(num_chunks,), dtype=bool,
                        compressors=[zarr.codecs.Crc32cCodec()])[:] = True
     group.attrs.update({
-        "format": "kdtrack.logits/1", "dataset_digest": DIGEST, "cache_key": "k", "teacher_run_id": "teach01",
+        "format": "kdtrack.logits/2", "dataset_digest": DIGEST, "cache_key": "k", "teacher_run_id": "teach01",
         "checkpoint_sha256": "f" * 64, "num_classes": logits.shape[1] if logits.ndim == 2 else None,
         "output_shape": list(logits.shape[1:]), "dtype": str(logits.dtype), "splits": ["train"],
         "chunk_rows": chunk_rows, "num_rows": n, "complete": True, "initialised": True, **attrs,
@@ -306,6 +306,16 @@ def test_foreign_group_and_missing_path_are_refused(tmp_path):
         LogitTable.open(tmp_path / "other.zarr")
     with pytest.raises(CacheError, match="not a readable zarr group"):
         LogitTable.open(tmp_path / "absent.zarr")
+
+
+def test_a_store_of_the_previous_format_is_refused_naming_both_formats(tmp_path):
+    """A `kdtrack.logits/1` store (ids as strings only, no dimension names) is refused in one line naming both."""
+    path = write_store(tmp_path / "old.zarr", stored_logits(), format="kdtrack.logits/1")
+    with pytest.raises(CacheError) as err:
+        LogitTable.open(path)
+    assert err.value.what == (f"{path} is not a kdtrack logit cache (format 'kdtrack.logits/1', "
+                              "expected 'kdtrack.logits/2')")
+    assert "\n" not in err.value.what and "rebuild it with this version" in err.value.fix
 
 
 def test_chunked_mode_matches_in_memory_and_keeps_lru_in_budget(store16):

@@ -16,19 +16,21 @@ import torch
 import zarr
 from cache_build_child import CHUNK_ROWS, tiny_attrs, tiny_dataset, tiny_model
 from click.testing import CliRunner
-from conftest import DIGITS, TINY_TEACHER, Server, subprocess_env
+from conftest import DIGITS, TINY_TEACHER, Server, cli, set_args, subprocess_env
 from mlflow.tracking import MlflowClient
 
-from kdtrack import checkpoint, config
+from kdtrack import checkpoint, config, tracking
 from kdtrack.cache import LogitTable, VerifyReport, build, mark_complete, open_store, pack, verify_store
 from kdtrack.cache.writer import _salvage_shard, _write_rows
 from kdtrack.cli import main
 from kdtrack.data import Normalisation, build_dataset
 from kdtrack.errors import CacheError
+from kdtrack.fetch import fetch
+from kdtrack.stages import cache_logits
 from kdtrack.models import ModelSpec, build_model
 
 CPU = torch.device("cpu")
-ARRAYS = ("logits", "sample_ids", "labels", "chunk_done")
+ARRAYS = ("logits", "sample_ids", "sample_ids_utf8", "labels", "chunk_done")
 pack_module = import_module("kdtrack.cache.pack")  # the name `kdtrack.cache.pack` is the function
 N_CHUNKS = 20
 N_ROWS = N_CHUNKS * CHUNK_ROWS - 7  # a short last chunk, so the last shard is a partial edge shard
@@ -83,9 +85,9 @@ def verify(path: Path) -> VerifyReport:
 def test_pack_gives_few_files_and_identical_values(unpacked: Path, tmp_path: Path):
     packed = tmp_path / "packed.zarr"
     written = pack(unpacked, packed)
-    # 4 arrays x (1 chunk per flag or per 32 rows) + 5 metadata files, against 4 shards + 5 metadata files
-    assert files_under(unpacked) == 4 * N_CHUNKS + 5 == 85
-    assert written == files_under(packed) == 9
+    # 5 arrays x (1 chunk per flag or per 32 rows) + 6 metadata files, against 5 shards + 6 metadata files
+    assert files_under(unpacked) == 5 * N_CHUNKS + 6 == 106
+    assert written == files_under(packed) == 11
     group = zarr.open_group(packed, mode="r")  # plain zarr, no kdtrack
     assert dict(group.attrs) == dict(zarr.open_group(unpacked, mode="r").attrs)
     assert group["logits"].chunks == (CHUNK_ROWS, 5) and group["logits"].shards == (N_CHUNKS * CHUNK_ROWS, 5)
@@ -115,7 +117,8 @@ def test_shards_hold_whole_chunks_below_the_size_limit(unpacked: Path, tmp_path:
 
 
 # Bytes a chunk of 32 rows: logits 32 x 5 x 4, labels 32 x 8, flags 1 (one row a chunk); ids "tiny/0".."tiny/632"
-# as vlen-utf8, a 4-byte length before each: (10 x 10 + 90 x 11 + 533 x 12) / 633 = 11.83 B a row, 378.4 B a chunk.
+# as vlen-utf8, a 4-byte length before each: (10 x 10 + 90 x 11 + 533 x 12) / 633 = 11.83 B a row, 378.4 B a chunk;
+# as UTF-8 bytes padded to the longest id ("tiny/632"): 8 B a row, 256 B a chunk, as labels.
 @pytest.mark.parametrize(("shard_bytes", "rows"), [
     (1, {"logits": 32, "labels": 32, "sample_ids": 32, "chunk_done": 1}),  # below every chunk: one chunk a shard
     (10, {"logits": 32, "labels": 32, "sample_ids": 32, "chunk_done": 10}),  # 10 flags a shard
@@ -127,7 +130,7 @@ def test_shard_rows_of_every_array(unpacked: Path, tmp_path: Path, shard_bytes: 
     packed = tmp_path / "packed.zarr"
     pack(unpacked, packed, shard_bytes=shard_bytes)
     group = zarr.open_group(packed, mode="r")
-    assert {name: group[name].shards[0] for name in ARRAYS} == rows
+    assert {name: group[name].shards[0] for name in ARRAYS} == {**rows, "sample_ids_utf8": rows["labels"]}
     assert contents(packed) == contents(unpacked)
 
 
@@ -140,7 +143,8 @@ def test_row_size_of_ids_is_their_mean_encoded_size(unpacked: Path, monkeypatch:
         monkeypatch.setattr(pack_module, "_ID_BLOCK", block)  # ids are read in blocks of whole chunks
     group = zarr.open_group(unpacked, mode="r")
     assert pack_module._row_nbytes(group["sample_ids"], unpacked) == pytest.approx((10 * 10 + 90 * 11 + 533 * 12) / 633)
-    assert [pack_module._row_nbytes(group[name], unpacked) for name in ("logits", "labels", "chunk_done")] == [20, 8, 1]
+    assert [pack_module._row_nbytes(group[name], unpacked)
+            for name in ("logits", "sample_ids_utf8", "labels", "chunk_done")] == [20, 8, 8, 1]
 
 
 @pytest.mark.parametrize(("id_block", "id_reads"), [
@@ -165,6 +169,7 @@ def test_each_shard_is_read_once(unpacked: Path, tmp_path: Path, monkeypatch: py
     assert sorted(reads) == sorted([
         *[("logits", s, s + 128) for s in range(0, N_ROWS, 128)], *[("labels", s, s + 320) for s in (0, 320)],
         *[("sample_ids", *r) for r in id_reads], *[("sample_ids", s, s + 224) for s in (0, 224, 448)],
+        *[("sample_ids_utf8", s, s + 320) for s in (0, 320)],
         ("chunk_done", 0, 20)])
 
 
@@ -175,7 +180,8 @@ def test_a_one_chunk_store_packs_into_one_shard_of_that_chunk(tmp_path: Path):
           chunk_rows=CHUNK_ROWS, progress=False)
     pack(tmp_path / "one.zarr", tmp_path / "packed.zarr")
     group = zarr.open_group(tmp_path / "packed.zarr", mode="r")
-    assert [group[name].shards for name in ARRAYS] == [(CHUNK_ROWS, 5), (CHUNK_ROWS,), (CHUNK_ROWS,), (1,)]
+    assert [group[name].shards for name in ARRAYS] == [(CHUNK_ROWS, 5), (CHUNK_ROWS,), (CHUNK_ROWS, 7), (CHUNK_ROWS,),
+                                                       (1,)]  # ids of up to 7 bytes: "tiny/31"
     np.testing.assert_array_equal(group["logits"][:], zarr.open_group(tmp_path / "one.zarr", mode="r")["logits"][:])
 
 
@@ -185,7 +191,7 @@ def test_shards_of_fill_values_are_stored_too(tmp_path: Path):
     build(tmp_path / "empty.zarr", tiny_model(), ds, attrs=tiny_attrs(ds), device=CPU, batch_size=8,
           chunk_rows=CHUNK_ROWS, chunks=[], progress=False)  # created, nothing computed
     pack(tmp_path / "empty.zarr", tmp_path / "packed.zarr", shard_bytes=1)
-    assert files_under(tmp_path / "packed.zarr") == 4 * N_CHUNKS + 5
+    assert files_under(tmp_path / "packed.zarr") == 5 * N_CHUNKS + 6
     group = zarr.open_group(tmp_path / "packed.zarr", mode="r")
     assert np.isnan(group["logits"][:]).all() and not group["chunk_done"][:].any()
 
@@ -349,10 +355,10 @@ def test_cache_logits_and_verify_over_http(tracking_server: Server, tmp_path: Pa
     client = MlflowClient(tracking_uri=url)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["kdtrack.complete"] == "true"
-    # The server's artifact root holds 4 shards + 5 metadata files, against 4 x 20 chunks + 5 unpacked.
+    # The server's artifact root holds 5 shards + 6 metadata files, against 5 x 20 chunks + 6 unpacked.
     served = tracking_server.artifact_dir(run_id) / "logits.zarr"
     chunks = zarr.open_group(served, mode="r")["chunk_done"].shape[0]
-    assert chunks >= 20 and files_under(served) == 9
+    assert chunks >= 20 and files_under(served) == 11
     assert not list(Path(cache_dir).glob("builds/*"))  # staging removed after the upload
 
     local = Path(client.download_artifacts(run_id, "logits.zarr", str(tmp_path / "dl")))
@@ -374,9 +380,117 @@ def test_cache_logits_and_verify_over_http(tracking_server: Server, tmp_path: Pa
     flip(shard, int(offset + nbytes // 2))
     result = CliRunner().invoke(main, ["verify-cache", "--run-id", run_id, "--repair", "--recompute", "8"])
     assert result.exit_code == 0 and "repaired chunks 3" in result.stdout, result.output
-    assert shard.read_bytes() == good and files_under(served) == 9
+    assert shard.read_bytes() == good and files_under(served) == 11
     assert client.get_run(run_id).data.tags["kdtrack.complete"] == "true"
 
     result = CliRunner().invoke(main, list(cache_args))
     assert result.exit_code == 0 and result.stdout.split()[-1] == run_id
     assert f"reusing cache run {run_id}" in result.stderr
+
+
+def _served_attrs(served: Path) -> dict:
+    """The group attributes of a store on the server's disk, read as plain JSON (no zarr, no kdtrack)."""
+    return json.loads((served / "zarr.json").read_text())["attributes"]
+
+
+@pytest.mark.slow  # a teacher, a cache and three verifications against the session's mlflow server
+def test_a_failed_remote_cache_says_so_on_the_server_and_is_not_fetched(tracking_server: Server, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch):
+    """verify-cache updates the server's copy of the store (not only its download), and fetch refuses a cache that
+    failed; once repaired, both say complete again and fetch gives a complete copy."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.url)
+    monkeypatch.setenv("KDTRACK_CACHE_DIR", str(tmp_path / "kdtrack-cache"))
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    sets = set_args(*TINY_TEACHER, "experiment=cache-remote-failed")
+    code, out, err = cli("train-teacher", "--config", str(DIGITS), *sets)
+    assert code == 0, err
+    code, out, err = cli("cache-logits", "--teacher-run-id", out.split()[-1], "--config", str(DIGITS), *sets,
+                         "--set", "cache.chunk_rows=64")
+    assert code == 0, err
+    run_id, client = out.split()[-1], MlflowClient(tracking_uri=tracking_server.url)
+    served = tracking_server.artifact_dir(run_id) / "logits.zarr"
+    assert _served_attrs(served)["complete"] is True
+    shard, chunks = served / "logits" / "c.0.0", zarr.open_group(served, mode="r")["chunk_done"].shape[0]
+    offset, nbytes = shard_index(shard, chunks)[2]
+    flip(shard, int(offset + nbytes // 2))  # chunk 2 of the one logits shard
+
+    code, out, err = cli("verify-cache", "--run-id", run_id, "--recompute", "8")
+    assert code == 1 and "FAIL integrity: chunk 2" in out, out + err
+    assert client.get_run(run_id).data.tags["kdtrack.complete"] == "false"
+    assert _served_attrs(served)["complete"] is False  # the server's store says what the run says
+    code, out, err = cli("fetch", "--run-id", run_id, "--out", str(tmp_path / "fetched"))
+    assert code == 1 and out == ""
+    assert err.strip() == (f"error: cache run {run_id} is incomplete (FINISHED, kdtrack.complete=false, verification: "
+                           "fail); nothing was downloaded — repair it with: kdtrack verify-cache --run-id "
+                           f"{run_id} --repair, or build a new cache with kdtrack cache-logits")
+    assert not (tmp_path / "fetched" / run_id / "logits.zarr").exists()
+
+    code, out, err = cli("verify-cache", "--run-id", run_id, "--repair", "--recompute", "8")
+    assert code == 0 and "repaired chunks 2" in out, out + err
+    attrs = _served_attrs(served)
+    assert attrs["complete"] is True and attrs["fidelity"]["passed"] is True and attrs["fidelity"]["rows_checked"] == 8
+    code, out, err = cli("fetch", "--run-id", run_id, "--out", str(tmp_path / "fetched"))
+    assert code == 0 and out.strip() == str(tmp_path / "fetched" / run_id / "logits.zarr"), err
+    assert _served_attrs(Path(out.strip())) == attrs
+
+
+def _logged_cache_run(unpacked: Path, tags: dict[str, str], attrs: dict | None = None) -> tuple[str, Path]:
+    """A FINISHED cache run in the session store whose artifact `logits.zarr` is a copy of `unpacked` with `attrs`
+    set; tagged with the store's key, teacher, checkpoint and digest, then `tags`. Returns (run id, the artifact)."""
+    group = zarr.open_group(unpacked, mode="r")
+    claimed = {f"kdtrack.{name}": str(group.attrs[name])
+               for name in ("cache_key", "teacher_run_id", "checkpoint_sha256", "dataset_digest")}
+    client = tracking.configure()  # the session store (an earlier test may have pointed mlflow at a server)
+    experiment = client.get_experiment_by_name("cache-fetch") or client.create_experiment("cache-fetch")
+    experiment_id = experiment if isinstance(experiment, str) else experiment.experiment_id
+    run_id = client.create_run(experiment_id, tags={"kdtrack.stage": "cache", **claimed, **tags}).info.run_id
+    client.log_artifacts(run_id, str(unpacked), "logits.zarr")
+    client.set_terminated(run_id, "FINISHED")
+    artifact = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://")) / "logits.zarr"
+    zarr.open_group(artifact, mode="r+").update_attributes(attrs or {})
+    return run_id, artifact
+
+
+def test_fetch_refuses_a_cache_that_failed_verification_and_downloads_nothing(store: str, unpacked: Path,
+                                                                               tmp_path: Path):
+    run_id, _ = _logged_cache_run(unpacked, {"kdtrack.complete": "false", "kdtrack.verified": "fail"})
+    with pytest.raises(CacheError) as err:
+        fetch(run_id, tmp_path)
+    assert err.value.what == (f"cache run {run_id} is incomplete (FINISHED, kdtrack.complete=false, verification: "
+                              "fail); nothing was downloaded")
+    assert err.value.fix == (f"repair it with: kdtrack verify-cache --run-id {run_id} --repair, or build a new cache "
+                             "with kdtrack cache-logits")
+    assert not (tmp_path / run_id).exists()
+    broken, _ = _logged_cache_run(unpacked, {"kdtrack.complete": "false", "kdtrack.problem": "its chunk 3 is gone"})
+    with pytest.raises(CacheError, match=r"\(FINISHED, kdtrack.complete=false, its chunk 3 is gone\); nothing was"):
+        fetch(broken, tmp_path)
+
+
+def test_a_fetched_copy_that_does_not_check_out_is_refused_and_marked_incomplete(store: str, unpacked: Path,
+                                                                                  tmp_path: Path):
+    """The run says complete but its store has an unfinished chunk: the fetched copy must not look complete."""
+    run_id, artifact = _logged_cache_run(unpacked, {"kdtrack.complete": "true"})
+    zarr.open_group(artifact, mode="r+")["chunk_done"][3] = False
+    with pytest.raises(CacheError) as err:
+        fetch(run_id, tmp_path)
+    copy = tmp_path / run_id / "logits.zarr"
+    assert err.value.what == (f"fetched cache of run {run_id} is not usable: the store of cache run {run_id} has 1 "
+                              f"chunks not done (first: 3); the copy at {copy} is marked incomplete")
+    assert json.loads((copy / "zarr.json").read_text())["attributes"]["complete"] is False
+    assert json.loads((artifact / "zarr.json").read_text())["attributes"]["complete"] is True  # the run's own store
+    good, _ = _logged_cache_run(unpacked, {"kdtrack.complete": "true"})
+    assert fetch(good, tmp_path) == [tmp_path / good / "logits.zarr"]
+    assert zarr.open_group(tmp_path / good / "logits.zarr", mode="r").attrs["complete"] is True
+
+
+def test_a_cache_marked_broken_is_marked_so_on_a_remote_artifact_store_too(store: str, unpacked: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch):
+    """With a remote artifact store (played here by the local one, seen as remote), the store is read from a
+    download; marking it broken must also replace the stored `zarr.json`, not only the download's."""
+    run_id, artifact = _logged_cache_run(unpacked, {"kdtrack.complete": "true"})
+    monkeypatch.setattr(tracking, "local_artifact_dir", lambda run_id: None)
+    cache_logits.mark_broken(tracking.configure().get_run(run_id), "a test problem")
+    download = tracking.download_dir() / run_id / "logits.zarr"
+    assert json.loads((download / "zarr.json").read_text())["attributes"]["complete"] is False
+    assert json.loads((artifact / "zarr.json").read_text())["attributes"]["complete"] is False
+    assert tracking.configure().get_run(run_id).data.tags["kdtrack.complete"] == "false"

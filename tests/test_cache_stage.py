@@ -45,7 +45,7 @@ def test_cache_run_lineage_and_contents(digits_teacher: str, digits_cache: str):
     assert run.data.metrics["fidelity/top1_agreement"] == 1.0
     # A plain zarr client, no kdtrack code: the teacher's own forward gives the same numbers.
     group = zarr.open_group(str(_store_path(digits_cache)), mode="r")
-    assert group.attrs["complete"] is True and group.attrs["format"] == "kdtrack.logits/1"
+    assert group.attrs["complete"] is True and group.attrs["format"] == "kdtrack.logits/2"
     assert list(group["sample_ids"][:]) == rows.sample_ids
     teacher_model = load_teacher(digits_teacher, torch.device("cpu"))
     x, *_ = rows.with_normalisation(teacher_model.normalisation).batch(np.arange(len(rows)))

@@ -91,7 +91,7 @@ def test_corrupt_chunk_is_named_and_repaired_alone(good: Path) -> None:
     assert stats.chunks_written == 1 and stats.rows_computed == CHUNK_ROWS
     after = _chunk_files(good)
     changed = sorted(k for k in before if before[k] != after[k])
-    assert changed == ["chunk_done/c/3", "labels/c/3", "logits/c/3/0", "sample_ids/c/3"]
+    assert changed == ["chunk_done/c/3", "labels/c/3", "logits/c/3/0", "sample_ids/c/3", "sample_ids_utf8/c/3/0"]
     assert victim.read_bytes() == original  # the rebuilt chunk is the one first written, bit for bit
     assert {k: v[0] for k, v in after.items() if k != "logits/c/3/0"} == {
         k: v[0] for k, v in before.items() if k != "logits/c/3/0"}  # the other objects hold the same bytes
@@ -101,10 +101,30 @@ def test_removed_objects_are_caught(good: Path) -> None:
     (good / "logits" / "c" / "5" / "0").unlink()  # reads back as the NaN fill value
     (good / "sample_ids" / "c" / "6").unlink()  # reads back as empty ids
     (good / "labels" / "c" / "7").unlink()  # reads back as the invalid label fill
+    (good / "sample_ids_utf8" / "c" / "4" / "0").unlink()  # reads back as zero bytes: empty ids
     integrity = check_integrity(open_store(good))
-    assert sorted(integrity.bad_chunks) == [5, 6, 7]
+    assert sorted(integrity.bad_chunks) == [4, 5, 6, 7]
+    assert integrity.bad_chunks[4] == "rows 128..159: empty sample_ids_utf8 (object removed?)"
     assert "NaN/Inf" in integrity.bad_chunks[5] and "empty sample ids" in integrity.bad_chunks[6]
     assert "invalid labels" in integrity.bad_chunks[7]
+
+
+def test_byte_ids_that_disagree_with_the_string_ids_fail_and_are_repaired(good: Path) -> None:
+    """`sample_ids_utf8` (what tensorstore reads) must hold the ids `sample_ids` holds; a rebuild of the chunk
+    restores them."""
+    array = zarr.open_group(good, mode="r+")["sample_ids_utf8"]
+    rows = array[40:42]
+    rows[:, [0, 1]] = rows[:, [1, 0]]  # "tiny/40" -> "itny/40": checksum valid, id wrong
+    array[40:42] = rows
+    report = _verify(good, rows=0)
+    assert report.integrity.bad_chunks == {1: "rows 32..63: sample_ids_utf8 disagrees with sample_ids"}
+    assert report.repairable and report.chunks_to_rebuild() == [1]
+    ds, attrs = tiny_dataset(N), dict(open_store(good).attrs)
+    build(good, tiny_model(), ds, attrs=attrs, device=CPU, batch_size=BATCH, progress=False,
+          chunk_rows=attrs["chunk_rows"], chunks=[1], force_chunks=True)
+    fixed = zarr.open_group(good, mode="r")["sample_ids_utf8"][40:42]
+    assert [bytes(r).rstrip(b"\0").decode() for r in fixed] == ["tiny/40", "tiny/41"]
+    assert _verify(good, rows=0).passed
 
 
 def test_nan_row_fails_and_is_named(good: Path) -> None:
@@ -262,6 +282,7 @@ def test_store_that_disagrees_with_its_attributes_fails_before_reading_chunks(go
     report = check_integrity(group)
     assert report.lines() == ["FAIL integrity: logits has shape (256, 5), attributes say (257, 5)",
                               "FAIL integrity: sample_ids has shape (256,), attributes say (257,)",
+                              "FAIL integrity: sample_ids_utf8 has shape (256, 8), attributes say (257, 8)",
                               "FAIL integrity: labels has shape (256,), attributes say (257,)",
                               "FAIL integrity: chunk_done has shape (8,), attributes say (9,)",
                               "FAIL integrity: logits are float32, attributes say float16"]

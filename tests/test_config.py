@@ -333,7 +333,7 @@ def test_optimizer_hints_name_the_teacher_or_student_key(case: str, prefix: str)
 
 
 _MODEL_CASES = {  # ModelConfig fields, input shape -> key (under the prefix) the hint must name
-    "flat-input": ({"name": "cnn"}, (64,), "name"),
+    "flat-input": ({"name": "cnn", "conv": "2d"}, (64,), "conv"),
     "4d-input": ({"name": "resnet8"}, (1, 1, 8, 8), "name"),
     "unknown-name": ({"name": "resnet18"}, (1, 8, 8), "name"),
     "hidden": ({"name": "mlp", "hidden": (8, 0)}, (64,), "hidden"),
@@ -363,9 +363,10 @@ def test_model_hints_name_the_teacher_or_student_key(case: str, prefix: str):
         ("train-student", ["method=none", "student.model.name=mlp", "student.model.dropout=1.5"],
          {"student.model.dropout"}),
         ("train-teacher", ["model.name=mlp", "model.dropout=1.5"], {"model.dropout"}),
-        ("train-student", ["method=none", "data.source=synthetic", "data.input_shape=[64]", "student.model.name=cnn"],
-         {"student.model.name"}),
-        ("train-teacher", ["data.source=synthetic", "data.input_shape=[64]", "model.name=cnn"], {"model.name"}),
+        ("train-student", ["method=none", "data.source=synthetic", "data.input_shape=[64]", "student.model.name=cnn",
+                           "student.model.conv=2d"], {"student.model.conv"}),
+        ("train-teacher", ["data.source=synthetic", "data.input_shape=[64]", "model.name=cnn", "model.conv=2d"],
+         {"model.conv"}),
     ],
     ids=["student-nesterov", "teacher-nesterov", "student-dropout", "teacher-dropout",
          "student-flat-input", "teacher-flat-input"],

@@ -23,6 +23,7 @@ from kdtrack.data import (
     build_dataset,
     dataset_digest,
     fit_normalisation,
+    load_manifest,
     make_loader,
 )
 from kdtrack.data.sources import stratified_splits
@@ -253,11 +254,13 @@ MANIFEST_ERRORS = [
 ]
 
 
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "eager"])
 @pytest.mark.parametrize("mutate, fragment", MANIFEST_ERRORS)
-def test_manifest_errors_name_the_problem(tmp_path: Path, mutate: Callable, fragment: str) -> None:
+def test_manifest_errors_name_the_problem(tmp_path: Path, mutate: Callable, fragment: str, lazy: bool) -> None:
     path = write_manifest(tmp_path / "one", mutate)
     with pytest.raises(DataError, match=fragment):
-        build_dataset(manifest_cfg(path))
+        # lazily, a file other than the first is checked when the digest (every stage's first act) hashes it
+        dataset_digest(load_manifest(path, lazy=lazy))
 
 
 def test_manifest_label_names_need_classes_and_bad_json(tmp_path: Path) -> None:
@@ -275,6 +278,9 @@ def test_manifest_unreadable_npy(tmp_path: Path) -> None:
     path = write_manifest(tmp_path)
     (tmp_path / "b" / "2.npy").write_bytes(b"not numpy")
     with pytest.raises(DataError, match="entry 2 .* is not a readable .npy array"):
+        dataset_digest(build_dataset(manifest_cfg(path)))
+    (tmp_path / "a" / "0.npy").write_bytes(b"not numpy")  # the first file is read at once, for the shape
+    with pytest.raises(DataError, match="entry 0 .* is not a readable .npy array"):
         build_dataset(manifest_cfg(path))
 
 

@@ -76,6 +76,55 @@ def test_ranks_own_disjoint_chunks_covering_the_store(monkeypatch) -> None:
     assert owned == [[0, 3, 6], [1, 4, 7], [2, 5]]
 
 
+def _recorded_group(monkeypatch) -> list[str]:
+    """torch.distributed's group calls replaced by a log of their names, as for rank 1 of 2 on CPU."""
+    calls: list[str] = []
+    joined = {"now": False}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    dist = distributed.dist
+
+    def init_process_group(backend: str) -> None:
+        calls.append(f"init {backend}")
+        joined["now"] = True
+
+    def destroy_process_group() -> None:
+        calls.append("destroy")
+        joined["now"] = False
+
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.setattr(dist, "destroy_process_group", destroy_process_group)
+    monkeypatch.setattr(dist, "is_initialized", lambda: joined["now"])
+    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(dist, "barrier", lambda device_ids=None: calls.append("barrier"))
+    return calls
+
+
+def test_ranks_leave_the_group_together_after_their_work(monkeypatch) -> None:
+    """A rank done early waits for the others before tearing the group down (one that did not aborted at exit)."""
+    calls = _recorded_group(monkeypatch)
+    with distributed.process_group(torch.device("cpu")):
+        calls.append("work")
+    assert calls == ["init gloo", "work", "barrier", "destroy"]
+
+
+def test_a_failing_rank_leaves_at_once(monkeypatch) -> None:
+    """No barrier on an exception: the other ranks may never get there; torchrun stops them."""
+    calls = _recorded_group(monkeypatch)
+    with pytest.raises(RuntimeError, match="rank failed"), distributed.process_group(torch.device("cpu")):
+        raise RuntimeError("rank failed")
+    assert calls == ["init gloo", "destroy"]
+
+
+def test_a_joined_group_is_left_to_whoever_joined_it(monkeypatch) -> None:
+    calls = _recorded_group(monkeypatch)
+    with distributed.process_group(torch.device("cpu")):
+        with distributed.process_group(torch.device("cpu")):
+            calls.append("inner")
+        calls.append("outer")
+    assert calls == ["init gloo", "inner", "outer", "barrier", "destroy"]
+
+
 # ---------------------------------------------------------------- DDP students
 
 STUDENT = ["student.optim.epochs=3", "train.progress=off", "experiment=ddp-student",

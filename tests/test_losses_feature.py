@@ -320,6 +320,21 @@ def test_fitnet_defaults_to_the_middle_layer_of_vector_models() -> None:
     assert method.regressor.weight.shape == (7, 4)
 
 
+def test_1d_conv_nets_distil_on_their_embedding_and_refuse_map_methods() -> None:
+    """A 1d cnn's stages are (C, L) maps: fitnet falls back to the pooled (D,) embedding; attention transfer and
+    factor transfer, which compare 2d maps, say so."""
+    signal = (2, 24)
+    student = build_model(ModelSpec("cnn", 5, signal, {"channels": 2, "conv": "1d"}))
+    teacher = build_model(ModelSpec("cnn", 5, signal, {"channels": 3, "conv": "1d"}))
+    method = FitNet.from_models(student, teacher, signal)
+    assert (method.student_layers, method.teacher_layers) == (("pool",), ("pool",))
+    assert method.regressor.weight.shape == (12, 8)  # teacher 4*3 channels from student 4*2
+    with pytest.raises(ConfigError, match=r"attention transfer needs \(C, H, W\) conv stages"):
+        AttentionTransfer.from_models(student, teacher, signal)
+    with pytest.raises(ConfigError, match=r"factor transfer needs a \(C, H, W\) conv stage but SmallCNN has none"):
+        FactorTransfer.from_models(student, teacher, signal)
+
+
 @pytest.mark.parametrize("options, weight", [({}, 1.0), ({"weight": 3.0}, 3.0)])
 def test_fitnet_from_models_weights_the_hint_loss(options: dict, weight: float) -> None:
     gen = torch.Generator().manual_seed(6)
@@ -375,6 +390,12 @@ def test_feature_kd_mixes_ce_and_the_feature_term_by_alpha(alpha: float, smoothi
     assert torch.equal(logits, student(x))
     assert terms["ce"].item() == pytest.approx((1 - alpha) * ce, rel=1e-6)
     assert terms["gap"].item() == pytest.approx(alpha * gap, rel=1e-6)
+    # the figure every student logs: plain CE on the labelled rows, unweighted and unsmoothed, averaged over steps
+    loss_fn(student, (x[:2], y[:2]), epoch=0)
+    with torch.no_grad():
+        plain = [smoothed_ce(student(x), y, 0.0).item(), smoothed_ce(student(x[:2]), y[:2], 0.0).item()]
+    assert loss_fn.pop_stats() == {"ce_labelled": pytest.approx(sum(plain) / 2, rel=1e-6)}
+    assert loss_fn.pop_stats() == {}
 
 
 def test_feature_kd_alpha_is_a_number_in_the_closed_unit_interval() -> None:

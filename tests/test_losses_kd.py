@@ -244,7 +244,7 @@ def test_logit_kd_wires_teacher_lookup_domain_and_stats() -> None:
     loss_fn = LogitKD(lambda batch: table[batch[2]], cfg, domain_index=1)
     batches = [(torch.randn(4, 4), torch.tensor([0, -1, 2, 1]), torch.tensor(rows), torch.tensor([1, 0, 1, 1]))
                for rows in ([3, 1, 7, 0], [2, 9, 5, 4])]
-    totals, confidences = [], []
+    unweighted, confidences = [], []
     for batch in batches:
         logits, terms = loss_fn(model, batch, epoch=0)
         assert set(terms) == {"ce", "kd"}
@@ -256,12 +256,14 @@ def test_logit_kd_wires_teacher_lookup_domain_and_stats() -> None:
         kd = sum(pmax[i] * kl_py(s[i], t[i], 2.0) for i in range(4) if batch[3][i] == 1) / 4
         assert terms["ce"].item() == pytest.approx(0.5 * ce, rel=1e-5)
         assert terms["kd"].item() == pytest.approx(0.5 * kd, rel=1e-5)
-        totals.append(0.5 * ce + 0.5 * kd)
+        unweighted.append(ce)
         confidences.append(sum(pmax) / 4)
     means = loss_fn.pop_stats()
-    assert means["total_loss"] == pytest.approx(sum(totals) / 2, rel=1e-5)
+    # the logged set: one name per figure (the weighted terms are the engine's loss_ce and loss_kd)
+    assert set(means) == {"ce_labelled", "kd_weight", "coverage", "avg_confidence"}
+    assert means["ce_labelled"] == pytest.approx(sum(unweighted) / 2, rel=1e-5)
     assert means["avg_confidence"] == pytest.approx(sum(confidences) / 2, rel=1e-5)
-    assert (means["kd_weight"], means["ce_weight"]) == pytest.approx((0.5, 0.5))
+    assert means["kd_weight"] == pytest.approx(0.5)
     assert means["coverage"] == pytest.approx(0.75)  # 3 of each batch's 4 rows are domain 1
     assert loss_fn.pop_stats() == {}
 
@@ -405,13 +407,17 @@ def test_logit_kd_regression_stats_restart_after_each_pop() -> None:
     def step(student: list[list[float]], teacher: list[list[float]]) -> None:
         loss_fn(nn.Identity(), (torch.tensor(student), torch.zeros(1), torch.tensor(teacher)), epoch=0)
 
-    step([[1.0, 2.0]], [[0.0, 2.0]])  # mse 1/2
-    step([[3.0, 3.0]], [[0.0, 3.0]])  # mse 9/2
-    assert loss_fn.pop_stats()["kd_loss"] == pytest.approx(2.5)
+    step([[1.0, 2.0]], [[0.0, 2.0]])
     step([[3.0, 3.0]], [[0.0, 3.0]])
-    means = loss_fn.pop_stats()  # this one step only
-    assert means["kd_loss"] == pytest.approx(4.5) and means["total_loss"] == pytest.approx(4.5)
-    assert "avg_confidence" not in means
+    assert loss_fn.pop_stats() == {"kd_weight": 1.0, "coverage": 1.0}  # no labels, no confidence: no CE figure
+    assert loss_fn.pop_stats() == {}
+    # classes: the unweighted CE on labelled rows, averaged over the steps since the last pop
+    classes = LogitKD(lambda batch: batch[2], KDLossConfig(kd_alpha=0.5))
+    for logits, label in (([0.0, 0.0], 0), ([0.0, math.log(3.0)], 1)):  # CE ln 2, then -ln(3/4)
+        classes(nn.Identity(), (torch.tensor([logits]), torch.tensor([label]), torch.zeros(1, 2)), epoch=0)
+    assert classes.pop_stats()["ce_labelled"] == pytest.approx((math.log(2) + math.log(4 / 3)) / 2, rel=1e-6)
+    classes(nn.Identity(), (torch.zeros(1, 2), torch.tensor([0]), torch.zeros(1, 2)), epoch=0)
+    assert classes.pop_stats()["ce_labelled"] == pytest.approx(math.log(2), rel=1e-6)  # this one step only
 
 
 def test_logit_kd_moves_teacher_and_domain_onto_the_model_device() -> None:

@@ -191,15 +191,17 @@ def test_ui_fields_are_stable(first_pipeline: str):
     assert client.get_run(steps["cache"][0]).info.run_name == "cache-teacher-mlp-digits"
     assert teacher.data.tags["mlflow.note.content"].startswith("Teacher mlp on digits (")
     assert kd.data.tags["mlflow.note.content"].startswith(
-        "Student mlp by kd (cached teacher logits) from teacher-mlp-digits; ")
-    for run in (teacher, kd):
-        assert {"kd.alpha", "kd.temperature", "student.model.name", "optim.lr", "seed"} <= set(run.data.params)
+        "Student mlp by kd from the cached logits of teacher [teacher-mlp-digits](#/experiments/")
+    assert {"kd.alpha", "kd.temperature", "student.model.name", "student.optim.lr", "seed"} <= set(kd.data.params)
+    assert {"model.name", "optim.lr", "seed"} <= set(teacher.data.params)
+    for run, rows in ((teacher, "digits/train+val+test"), (kd, "digits/train")):  # all labels: no transfer set
         inputs = {i.dataset.name: (i.dataset.digest, {t.key: t.value for t in i.tags}["mlflow.data.context"])
                   for i in run.inputs.dataset_inputs}
-        digest, context = inputs.pop("digits")  # the training rows, named by a prefix of the run's dataset digest
+        digest, context = inputs.pop(rows)  # the training rows, named by their view of the data
         assert context == "train" and len(digest) >= 12
         assert run.data.tags["kdtrack.dataset_digest"].startswith(digest)
         # the KD student also lists the teacher's logit cache it read
         assert [c for _, c in inputs.values()] == ([] if run is teacher else ["teacher_logits"])
-    assert set(teacher.data.params) == set(kd.data.params)  # same columns in the compare view
-    assert config.flatten(config.load(DIGITS)).keys() == teacher.data.params.keys()
+    # the whole resolved config stays in config.yaml, whatever subset each run logs as params
+    assert config.to_dict(tracking.load_run_config(teacher.info.run_id, config.Config)) == config.to_dict(
+        config.load(DIGITS, [*TINY, "experiment=pipeline"]))

@@ -30,7 +30,7 @@ def test_train_teacher_over_http(tracking_server: Server, tmp_path: Path):
     assert run.info.status == "FINISHED"
     assert run.data.tags["kdtrack.stage"] == "teacher"
     assert len(client.get_metric_history(run_id, "val/acc")) == 2
-    assert run.inputs.dataset_inputs[0].dataset.name == "digits"
+    assert run.inputs.dataset_inputs[0].dataset.name == "digits/train+val+test"  # the teacher's view: every split
     best = client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path / "dl"))
     assert checkpoint.weights_sha256(checkpoint.load(best)["state_dict"]) == run.data.tags[
         "kdtrack.checkpoint_sha256"]

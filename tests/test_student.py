@@ -48,7 +48,7 @@ def test_cached_student_uses_exactly_its_cache(digits_teacher: str, digits_cache
     assert cache_run.data.tags["kdtrack.dataset_digest"] == tags["kdtrack.dataset_digest"] == dataset_digest(train)
     assert cache_run.data.tags["kdtrack.teacher_run_id"] == digits_teacher
     inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
-    assert inputs[f"logits-{digits_teacher[:8]}"].dataset.digest == cache_run.data.tags["kdtrack.cache_key"][:32]
+    assert inputs[cache_run.info.run_name].dataset.digest == cache_run.data.tags["kdtrack.cache_key"][:32]
     for key in ("train/loss_kd", "train/loss_ce", "train/kd_weight", "train/coverage", "train/avg_confidence",
                 "val/acc", "epoch_seconds", "data_seconds"):
         assert len(MlflowClient().get_metric_history(run.info.run_id, key)) == 8, key

@@ -29,6 +29,7 @@ class Students:
         self.teacher, self.cache = SimpleNamespace(run_id="teacher-run"), SimpleNamespace(run_id="cache-run")
         self.versions: list[str] = []
         self.calls: list[tuple] = []
+        self.run_names: list[str | None] = []
 
     def teacher_and_cache(self, cfg: config.Config, version: str):
         self.versions.append(version)
@@ -39,13 +40,14 @@ class Students:
         teachers = [SimpleNamespace(run_id=t) for t in teacher_run_ids]
         return teachers, [SimpleNamespace(run_id=f"cache-of-{t}") for t in teacher_run_ids]
 
-    def student_step(self, name, cfg, teachers, caches, version, force):
+    def student_step(self, name, cfg, teachers, caches, version, force, run_name=None):
         self.calls.append((name, cfg, teachers, caches, version, force))
+        self.run_names.append(run_name)
         key = (name.split("-")[1], cfg.seed)
         if key in self.fail:
             raise KdtrackError(f"student {name} diverged")
         client = MlflowClient()
-        run = client.create_run(client.get_experiment_by_name(cfg.experiment).experiment_id, run_name=name)
+        run = client.create_run(client.get_experiment_by_name(cfg.experiment).experiment_id, run_name=run_name)
         for metric, value in self.metrics[key].items():
             client.log_metric(run.info.run_id, metric, value)
         client.set_terminated(run.info.run_id)
@@ -102,8 +104,9 @@ def test_sweep_table_csv_and_tags(store: str, students, capsys: pytest.CaptureFi
 
     assert capsys.readouterr().out == "\n".join([
         HEADER,
-        _line("kd.alpha=0.5", 2, "  0.6250 ± 0.1768", "  0.7500 ± 0.0000", "  0.2500 ± 0.0000"),
-        _line("kd.alpha=0.9", 2, "  0.7500 ± 0.3536", "  1.0000 ± 0.0000", "     nan ± 0.0000"),
+        # a column with one finite value says so rather than `± 0.0000`; two equal values do have std 0
+        _line("kd.alpha=0.5", 2, "  0.6250 ± 0.1768", "  0.7500 ± 0.0000", "  0.2500    (n=1)"),
+        _line("kd.alpha=0.9", 2, "  0.7500 ± 0.3536", "  1.0000    (n=1)", "     nan         "),
     ]) + "\n"
     rows = _csv_rows(parent, tmp_path)
     assert list(rows[0]) == ["combination", "seeds", "val/acc mean", "val/acc std", "best/val_acc mean",
@@ -122,8 +125,21 @@ def test_sweep_table_csv_and_tags(store: str, students, capsys: pytest.CaptureFi
     assert (tags["kdtrack.stage"], tags["kdtrack.teacher_run_ids"], tags["kdtrack.cache_run_ids"]) == (
         "sweep", "teacher-run", "cache-run")
     assert tags["mlflow.runName"] == "sweep-sweep-table"
-    assert tags["mlflow.note.content"] == "4 students: grid {'kd.alpha': ['0.5', '0.9']}, seeds [0, 1]."
-    assert run.info.status == "FINISHED" and run.data.params["kd.alpha"] == str(cfg.kd.alpha)
+    # each seed replica has a name of its own, saying what differs (item 1 of issue 13)
+    assert fake.run_names == ["student-kd-t4-a0.5-seed0", "student-kd-t4-a0.5-seed1", "student-kd-t4-a0.9-seed0",
+                              "student-kd-t4-a0.9-seed1"]
+    ids = tags["kdtrack.student_run_ids"].split(",")
+    experiment = run.info.experiment_id
+    assert [tracking.get_run(i).info.run_name for i in ids] == fake.run_names
+    assert tags["mlflow.note.content"] == "\n".join([
+        "4 students: grid {'kd.alpha': ['0.5', '0.9']}, seeds [0, 1]. Students averaged in results.csv:", "",
+        *(f"- kd.alpha={a}, seed {s}: [{n}](#/experiments/{experiment}/runs/{i})"
+          for (a, s), n, i in zip([("0.5", 0), ("0.5", 1), ("0.9", 0), ("0.9", 1)], fake.run_names, ids))])
+    # the parent's params: what every student shares, and the grid and seeds it varies
+    params = run.data.params
+    assert (params["grid.kd.alpha"], params["seeds"], params["method"]) == ("0.5,0.9", "0,1", "kd")
+    assert "kd.alpha" not in params and "seed" not in params
+    assert run.info.status == "FINISHED" and params["kd.temperature"] == str(cfg.kd.temperature)
 
 
 def test_sweep_without_a_grid_is_one_default_combination(store: str, students, capsys, tmp_path: Path):
@@ -131,7 +147,7 @@ def test_sweep_without_a_grid_is_one_default_combination(store: str, students, c
     parent = sweep.run(_cfg("sweep-default"), {}, [3], force_restart=False)
     assert [(c[0], c[1].seed, c[5]) for c in fake.calls] == [("student-default-seed3", 3, False)]
     assert capsys.readouterr().out == "\n".join([
-        HEADER, _line("default", 1, "  0.5000 ± 0.0000", "  0.5000 ± 0.0000", "  0.5000 ± 0.0000")]) + "\n"
+        HEADER, _line("default", 1, "  0.5000    (n=1)", "  0.5000    (n=1)", "  0.5000    (n=1)")]) + "\n"
     assert [(r["combination"], r["seeds"], r["val/acc mean"], r["val/acc std"]) for r in _csv_rows(parent, tmp_path)] \
         == [("default", "1", "0.5", "0.0")]
 
@@ -147,10 +163,10 @@ def test_a_failed_student_does_not_stop_the_others(store: str, students, capsys,
     assert len(fake.calls) == 4
     out, err = capsys.readouterr()
     assert "sweep: kd.alpha=0.5 seed 0 failed: student student-kd.alpha=0.5-seed0 diverged\n" in err
-    assert out.splitlines()[1:] == [_line("kd.alpha=0.5", 1, "  0.5000 ± 0.0000", "     nan ± 0.0000",
-                                          "     nan ± 0.0000"),
-                                    _line("kd.alpha=0.9", 1, "  0.5000 ± 0.0000", "     nan ± 0.0000",
-                                          "     nan ± 0.0000")]
+    assert out.splitlines()[1:] == [_line("kd.alpha=0.5", 1, "  0.5000    (n=1)", "     nan         ",
+                                          "     nan         "),
+                                    _line("kd.alpha=0.9", 1, "  0.5000    (n=1)", "     nan         ",
+                                          "     nan         ")]
 
 
 def test_a_sweep_with_every_student_failed_or_no_seeds(store: str, students):

@@ -1,6 +1,7 @@
 """The train-teacher stage end to end against the session's sqlite store: CLI, mlflow run, failure, resume."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import DIGITS, REPO, TINY_TEACHER, cli, interrupted_after_epoch, set_args, subprocess_env
+from conftest import DIGITS, REPO, TINY_TEACHER, cli, interrupted_after_epoch, set_args
 from kdtrack import checkpoint, config, engine
 from kdtrack.data import build_dataset, dataset_digest, make_loader
 from kdtrack.models import ModelSpec, build_model
@@ -68,7 +69,7 @@ def test_dataset_input_carries_the_digest(teacher_run: str):
     digest = dataset_digest(build_dataset(config.load(DIGITS).data))
     assert run.data.tags["kdtrack.dataset_digest"] == digest
     (dataset_input,) = run.inputs.dataset_inputs
-    assert dataset_input.dataset.name == "digits"
+    assert dataset_input.dataset.name == "digits/train+val+test"  # every split, all labels: the teacher's view
     # MLflow's digest column is short: a prefix of kdtrack's digest, at least as long as messages quote it
     assert len(dataset_input.dataset.digest) >= 12 and digest.startswith(dataset_input.dataset.digest)
     assert digest in dataset_input.dataset.source
@@ -152,17 +153,31 @@ def test_resume_continues_the_same_run_to_the_same_weights(store: str, crash: st
     assert resumed.data.tags[tag] == client.get_run(straight).data.tags[tag]
 
 
+def fresh_shell_env() -> dict[str, str]:
+    """A new shell's environment after the README's set-up step: nothing activated, so PATH has no .venv/bin (and no
+    VIRTUAL_ENV); only the tracking store and kdtrack's cache folder are this session's."""
+    venv_bin = (REPO / ".venv" / "bin").resolve()
+    path = [p for p in os.environ["PATH"].split(os.pathsep) if p and Path(p).resolve() != venv_bin]
+    keep = {k: os.environ[k] for k in ("HOME", "LANG", "TMPDIR", "MLFLOW_TRACKING_URI", "KDTRACK_CACHE_DIR")
+            if k in os.environ}
+    return {**keep, "PATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1"}
+
+
 @pytest.mark.slow  # `mlflow run`: a process that imports mlflow, then kdtrack in another
 def test_mlflow_run_entry_point(store: str, tmp_path: Path):
-    env = subprocess_env()
+    """As the README writes it, from a fresh shell in the project folder: `.venv/bin/mlflow run . -e train_teacher
+    ... --env-manager local`, with no .venv/bin on PATH (the entry point's command finds the .venv's Python)."""
+    if Path(sys.executable).parent.resolve() != (REPO / ".venv" / "bin").resolve():
+        pytest.skip("runs the project's .venv/bin/mlflow; run the tests with .venv/bin/python (make test)")
+    client = MlflowClient()  # the experiment's artifacts go to tmp_path, not into the project folder
+    client.create_experiment("mlflow-run", artifact_location=(tmp_path / "artifacts").as_uri())
     overrides = " ".join([*TINY_TEACHER, "optim.epochs=1"])
     proc = subprocess.run(
-        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train_teacher", "--env-manager", "local",
+        [".venv/bin/mlflow", "run", ".", "-e", "train_teacher", "--env-manager", "local",
          "--experiment-name", "mlflow-run", "-P", "config=experiments/digits.yaml", "-P", f"overrides={overrides}"],
-        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env=fresh_shell_env(), capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("mlflow-run").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.tags["kdtrack.stage"] == "teacher"

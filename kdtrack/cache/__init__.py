@@ -29,12 +29,13 @@ from kdtrack.cache.verify import (
 )
 from kdtrack.cache.writer import BuildStats, PriorRows, build, probe_output_shape
 
-from kdtrack.cache.reader import ChunkAwareSampler, LogitTable
+from kdtrack.cache.reader import ChunkAwareSampler, LogitTable, default_memory_budget
 
 __all__ = [
     "FORMAT",
     "BuildStats",
     "ChunkAwareSampler",
+    "default_memory_budget",
     "LogitTable",
     "CoverageReport",
     "FidelityReport",

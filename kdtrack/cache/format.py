@@ -1,8 +1,10 @@
-"""The logit-cache schema (`kdtrack.logits/1`): cache key, store creation, opening, chunk geometry, completion.
+"""The logit-cache schema (`kdtrack.logits/2`): cache key, store creation, opening, chunk geometry, completion.
 
 A store is a Zarr v3 group. Every array is chunked along rows by `chunk_rows` and every chunk object carries a
 CRC32C checksum, so a flipped byte fails the read. `chunk_done` keeps one object per flag, so writers owning
 different chunks never write the same object. Remote artifact stores get a copy packed into shards (pack.py).
+Every array names its dimensions (Zarr v3 `dimension_names`, which xarray needs), and the sample ids are stored
+twice: as strings (`sample_ids`, zarr-python's extension type) and as core-spec bytes (`sample_ids_utf8`, ids.py).
 
 A store is created whole in a hidden sibling folder and renamed into place, so a process killed at any moment leaves
 at `path` either nothing or a fully created store (and at worst a stale sibling, removed by the next creation).
@@ -28,11 +30,12 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
 from kdtrack import __version__
+from kdtrack.cache.ids import encode_ids, id_width
 from kdtrack.errors import BadInput, CacheError
 
-FORMAT = "kdtrack.logits/1"
+FORMAT = "kdtrack.logits/2"  # /2: dimension_names on every array, ids also as core-spec bytes (sample_ids_utf8)
 STORAGE_DTYPES = ("float16", "float32")
-ARRAYS = ("logits", "sample_ids", "labels", "chunk_done")
+ARRAYS = ("logits", "sample_ids", "sample_ids_utf8", "labels", "chunk_done")
 # Attributes the caller supplies; `create_store` derives all the others from the data it is given.
 CALLER_ATTRS = ("teacher_run_id", "checkpoint_sha256", "dataset_digest", "cache_key", "splits",
                 "normalisation", "model_spec")
@@ -40,6 +43,7 @@ DERIVED_ATTRS = ("format", "num_classes", "output_shape", "dtype", "chunk_rows",
                  "initialised", "created_at", "kdtrack_version", "fidelity")
 LABEL_FILL = -2  # below every valid label (-1 = unlabelled), so a removed labels object reads as invalid
 _TARGET_CHUNK_BYTES = 4 << 20  # ~4 MiB of logits per chunk: few objects, cheap to rewrite one
+MAX_CHUNK_BYTES = 256 << 20  # an explicit chunk_rows may not give more logits per chunk (unless one row is more)
 _ROW_QUANTUM = 256
 
 
@@ -52,8 +56,10 @@ def cache_key(
     output_shape: Sequence[int],
     normalisation: Mapping[str, float] | None,
     topk: int | None = None,
+    views: Mapping[str, Any] | None = None,
 ) -> str:
-    """sha256 hex of a canonical JSON of everything that decides the cached numbers, FORMAT included."""
+    """sha256 hex of a canonical JSON of everything that decides the cached numbers, FORMAT included (and, for a
+    cache of augmented views, the views: count, seed and ops)."""
     _check_dtype(dtype)
     identity = {
         "format": FORMAT,
@@ -62,18 +68,37 @@ def cache_key(
         "splits": sorted(str(s) for s in splits),  # the dataset digest already fixes the row order
         "dtype": dtype,
         "output_shape": [int(d) for d in output_shape],
-        "normalisation": None if normalisation is None else {k: float(v) for k, v in normalisation.items()},
+        "normalisation": None if normalisation is None else {k: [float(x) for x in v] if isinstance(v, (list, tuple))
+                                                             else float(v) for k, v in normalisation.items()},
         "topk": None if topk is None else int(topk),
     }
+    if views is not None:
+        identity["views"] = {"count": int(views["count"]), "seed": int(views["seed"]), "ops": list(views["ops"])}
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def default_chunk_rows(output_shape: Sequence[int], dtype: str) -> int:
-    """Rows per chunk holding about 4 MiB of logits: a multiple of 256, at least 256."""
-    row_bytes = math.prod(int(d) for d in output_shape) * np.dtype(_check_dtype(dtype)).itemsize
-    rows = _TARGET_CHUNK_BYTES // max(row_bytes, 1) // _ROW_QUANTUM * _ROW_QUANTUM
-    return max(rows, _ROW_QUANTUM)
+    """Rows per chunk holding at most about 4 MiB of logits: a multiple of 256 when 256 rows fit, else as many
+    whole rows as fit (at least one)."""
+    row_bytes = max(_row_nbytes(output_shape, dtype), 1)
+    rows = _TARGET_CHUNK_BYTES // row_bytes
+    return rows // _ROW_QUANTUM * _ROW_QUANTUM if rows >= _ROW_QUANTUM else max(rows, 1)
+
+
+def chunk_rows_for(num_rows: int, output_shape: Sequence[int], dtype: str, requested: int | None = None) -> int:
+    """The chunk_rows a store of `num_rows` rows gets: `requested` (default ~4 MiB) capped at the row count, so a
+    small store is never padded to a whole large chunk; BadInput when a requested chunk exceeds MAX_CHUNK_BYTES."""
+    if requested is None:
+        return max(min(default_chunk_rows(output_shape, dtype), num_rows), 1)
+    row_bytes = _row_nbytes(output_shape, dtype)
+    rows = min(int(requested), max(num_rows, 1))
+    if rows > 1 and rows * row_bytes > MAX_CHUNK_BYTES:
+        most = max(MAX_CHUNK_BYTES // max(row_bytes, 1), 1)
+        raise BadInput(f"chunk_rows={requested} gives chunks of {rows * row_bytes:,} B of logits, more than "
+                       f"{MAX_CHUNK_BYTES:,} B ({MAX_CHUNK_BYTES >> 20} MiB)",
+                       f"use chunk_rows <= {most}, or 0 for about 4 MiB per chunk")
+    return rows
 
 
 def num_chunks(group_or_n: zarr.Group | int, chunk_rows: int | None = None) -> int:
@@ -104,7 +129,7 @@ def create_store(
     """Create a new store at `path` (which must not exist): metadata, ids and labels, then `initialised=True`.
 
     The store is written in a hidden sibling folder and renamed to `path` whole. `attrs` must hold CALLER_ATTRS;
-    the DERIVED_ATTRS are computed here from the other arguments.
+    the DERIVED_ATTRS are computed here from the other arguments. `chunk_rows` is capped at the row count.
     """
     path = Path(path)
     if path.exists():
@@ -115,7 +140,11 @@ def create_store(
     if labels.shape != (n,) or n == 0 or chunk_rows < 1:
         raise BadInput(f"{n} sample ids, labels of shape {labels.shape}, chunk_rows={chunk_rows}",
                        "give one label per sample id, at least one row, and chunk_rows >= 1")
-    derived = {"format": FORMAT, "num_classes": shape[0] if len(shape) == 1 else None, "output_shape": list(shape),
+    chunk_rows = chunk_rows_for(n, shape, dtype, chunk_rows)
+    width = id_width(sample_ids)
+    per_view = shape[1:] if attrs.get("views") else shape  # a cache of views: (K, *output) per row
+    derived = {"format": FORMAT, "num_classes": per_view[0] if len(per_view) == 1 else None,
+               "output_shape": list(shape),
                "dtype": dtype, "chunk_rows": int(chunk_rows), "num_rows": n, "complete": False, "initialised": False,
                "kdtrack_version": __version__, "fidelity": None,
                "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
@@ -124,8 +153,9 @@ def create_store(
     _remove_stale_creations(path)
     with _creation_folder(path) as tmp:
         group = zarr.open_group(tmp, mode="w-", attributes=meta)
-        _create_arrays(group, n, shape, dtype, chunk_rows)
+        _create_arrays(group, n, shape, dtype, chunk_rows, width, views=bool(attrs.get("views")))
         group["sample_ids"][:] = np.asarray(list(sample_ids), dtype=str)
+        group["sample_ids_utf8"][:] = encode_ids(sample_ids, width)
         group["labels"][:] = labels
         group.update_attributes({"initialised": True})
         try:
@@ -253,15 +283,31 @@ def _path_exists(path: Path) -> CacheError:
                       "remove it with kdtrack.cache.remove_store, or choose another path")
 
 
-def _create_arrays(group: zarr.Group, n: int, shape: tuple[int, ...], dtype: str, chunk_rows: int) -> None:
-    raw, checksum = BytesCodec(), [Crc32cCodec()]  # uncompressed bytes + CRC32C: corruption fails the read
-    group.create_array("logits", shape=(n, *shape), chunks=(chunk_rows, *shape), dtype=dtype, serializer=raw,
-                       compressors=checksum, fill_value=np.nan)  # a removed object reads as NaN: caught as non-finite
-    group.create_array("sample_ids", shape=(n,), chunks=(chunk_rows,), dtype=str, compressors=checksum)
-    group.create_array("labels", shape=(n,), chunks=(chunk_rows,), dtype="int64", serializer=raw,
-                       compressors=checksum, fill_value=LABEL_FILL)
-    group.create_array("chunk_done", shape=(-(-n // chunk_rows),), chunks=(1,), dtype=bool, serializer=raw,
-                       compressors=checksum, fill_value=False)
+def dimension_names(output_shape: Sequence[int], views: bool = False) -> dict[str, tuple[str, ...]]:
+    """Zarr v3 `dimension_names` of each array: rows are `row`; a cache of augmented views has `view` next; class
+    logits `class`, other outputs `output_<i>`."""
+    per_view = tuple(output_shape[1:] if views else output_shape)
+    outputs = ("class",) if len(per_view) == 1 else tuple(f"output_{i}" for i in range(len(per_view)))
+    outputs = ("view", *outputs) if views else outputs
+    return {"logits": ("row", *outputs), "sample_ids": ("row",), "sample_ids_utf8": ("row", "byte"),
+            "labels": ("row",), "chunk_done": ("chunk",)}
+
+
+def _create_arrays(group: zarr.Group, n: int, shape: tuple[int, ...], dtype: str, chunk_rows: int,
+                   id_bytes: int, *, views: bool = False) -> None:
+    raw, checksum, dims = BytesCodec(), [Crc32cCodec()], dimension_names(shape, views)
+    # uncompressed bytes + CRC32C: corruption fails the read, and the size on disk is exact (README's formula)
+    common = {"serializer": raw, "compressors": checksum}
+    group.create_array("logits", shape=(n, *shape), chunks=(chunk_rows, *shape), dtype=dtype, **common,
+                       fill_value=np.nan, dimension_names=dims["logits"])  # a removed object reads as NaN
+    group.create_array("sample_ids", shape=(n,), chunks=(chunk_rows,), dtype=str, compressors=checksum,
+                       dimension_names=dims["sample_ids"])
+    group.create_array("sample_ids_utf8", shape=(n, id_bytes), chunks=(chunk_rows, id_bytes), dtype="uint8",
+                       **common, fill_value=0, dimension_names=dims["sample_ids_utf8"])  # removed: empty ids
+    group.create_array("labels", shape=(n,), chunks=(chunk_rows,), dtype="int64", **common,
+                       fill_value=LABEL_FILL, dimension_names=dims["labels"])
+    group.create_array("chunk_done", shape=(-(-n // chunk_rows),), chunks=(1,), dtype=bool, **common,
+                       fill_value=False, dimension_names=dims["chunk_done"])
 
 
 def _check_caller_attrs(attrs: Mapping[str, Any], num_classes: int | None) -> None:
@@ -290,6 +336,10 @@ def _geometry(group_or_n: zarr.Group | int, chunk_rows: int | None) -> tuple[int
         raise BadInput(f"chunk_rows must be a positive int, got {chunk_rows!r}",
                        "e.g. default_chunk_rows(shape, dtype)")
     return n, int(chunk_rows)
+
+
+def _row_nbytes(output_shape: Sequence[int], dtype: str) -> int:
+    return math.prod(int(d) for d in output_shape) * np.dtype(_check_dtype(dtype)).itemsize
 
 
 def _check_dtype(dtype: str) -> str:

@@ -27,8 +27,24 @@ def _verify_hint(attrs: dict[str, Any]) -> str:
             f"(the cache of teacher run {attrs.get('teacher_run_id', '?')})")
 
 
+def default_memory_budget(processes: int = 1) -> int:
+    """Bytes of logits a LogitTable may hold in RAM by default: half the memory available now, shared by the
+    `processes` of this machine (DDP ranks)."""
+    available = None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return available // 2 // max(processes, 1)
+
+
 class LogitTable:
-    """Teacher logits of one `kdtrack.logits/1` store; `table[rows]` is float32 (B, *output_shape).
+    """Teacher logits of one `kdtrack.logits/2` store; `table[rows]` is float32 (B, *output_shape).
 
     Build it with `LogitTable.open`. Rows are dataset rows when opened with a dataset, else cache rows.
     """
@@ -127,6 +143,10 @@ class LogitTable:
     def labels(self) -> np.ndarray:
         """Cached labels (num_rows,) int64, in table-row order."""
         return self._labels
+
+    def cache_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The store row (int64, on the rows' device) of each table row: what keys a cached view's augmentation."""
+        return torch.from_numpy(self._rows[rows.cpu().numpy()]).to(rows.device)
 
     def chunk_of(self, rows: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
         """Store chunk index (int64) of each table row."""
@@ -314,6 +334,8 @@ class ChunkAwareSampler(Sampler[int]):
         table_or_chunk_of_rows: LogitTable | np.ndarray | Sequence[int],
         seed: int,
         window_chunks: int | None = None,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         if isinstance(table_or_chunk_of_rows, LogitTable):
             table = table_or_chunk_of_rows
@@ -324,8 +346,11 @@ class ChunkAwareSampler(Sampler[int]):
         self.window_chunks = default if window_chunks is None else int(window_chunks)
         if self.window_chunks < 1:
             raise ValueError(f"window_chunks is {self.window_chunks}; use a positive number of chunks, e.g. 4")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside 0..{world - 1}; pass torchrun's rank and world size")
         self._chunk_ids, self._chunk_slot = np.unique(chunks, return_inverse=True)
         self.seed = int(seed)
+        self.rank, self.world = int(rank), int(world)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -341,7 +366,11 @@ class ChunkAwareSampler(Sampler[int]):
         return torch.from_numpy(np.argsort(window + rng.random(len(window)), kind="stable"))
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.permutation().tolist())
+        order = self.permutation()
+        if self.world > 1:  # every world-th row of the one epoch order (padded by its first rows), as for DDP
+            n = len(order)
+            order = order[torch.arange(len(self) * self.world) % max(n, 1)][self.rank::self.world]
+        return iter(order.tolist())
 
     def __len__(self) -> int:
-        return len(self._chunk_slot)
+        return -(-len(self._chunk_slot) // self.world)  # rows per rank

@@ -15,6 +15,8 @@ import zarr
 from torch import nn
 
 from kdtrack.cache.format import ARRAYS, LABEL_FILL, chunk_bounds, done_flags, num_chunks
+from kdtrack.cache.ids import decode_ids
+from kdtrack.cache.writer import forward
 from kdtrack.data import IndexedDataset
 
 _SHOW = 10  # ids / rows named in a report before "and N more"
@@ -326,7 +328,9 @@ def _schema_errors(group: zarr.Group, total: int) -> list[str]:
     if absent:
         return [f"arrays {absent} are missing"]
     n, shape = int(group.attrs["num_rows"]), tuple(group.attrs["output_shape"])
-    expected = {"logits": (n, *shape), "sample_ids": (n,), "labels": (n,), "chunk_done": (total,)}
+    width = group["sample_ids_utf8"].shape[1:2] or (0,)  # any width, but two dimensions
+    expected = {"logits": (n, *shape), "sample_ids": (n,), "sample_ids_utf8": (n, *width), "labels": (n,),
+                "chunk_done": (total,)}
     errors = [f"{name} has shape {group[name].shape}, attributes say {want}"
               for name, want in expected.items() if tuple(group[name].shape) != want]
     if str(group["logits"].dtype) != group.attrs["dtype"]:
@@ -336,8 +340,8 @@ def _schema_errors(group: zarr.Group, total: int) -> list[str]:
 
 def _chunk_problem(group: zarr.Group, start: int, stop: int, report: IntegrityReport) -> str:
     """Why the chunk of rows `[start, stop)` is bad ('' when it is fine); records its non-finite rows in `report`."""
-    problems = []
-    for name in ("logits", "sample_ids", "labels"):
+    problems, ids = [], None
+    for name in ("logits", "sample_ids", "sample_ids_utf8", "labels"):
         try:
             values = group[name][start:stop]
         except Exception as exc:  # any decode failure (checksum, torn object, codec) is a finding, not a crash
@@ -350,8 +354,17 @@ def _chunk_problem(group: zarr.Group, start: int, stop: int, report: IntegrityRe
                                 if bad.size == stop - start else f"{bad.size} row(s) with NaN/Inf logits")
                 report.nonfinite_count += int(bad.size)
                 report.nonfinite_rows.extend(bad[: max(_SHOW - len(report.nonfinite_rows), 0)].tolist())
-        elif name == "sample_ids" and (values == "").any():
-            problems.append("empty sample ids (object removed?)")
+        elif name == "sample_ids":
+            ids = values.tolist()
+            if "" in ids:
+                problems.append("empty sample ids (object removed?)")
+        elif name == "sample_ids_utf8":
+            # foreign readers take ids from these bytes: they must be the very ids kdtrack reads
+            decoded = decode_ids(values)
+            if "" in decoded:
+                problems.append("empty sample_ids_utf8 (object removed?)")
+            elif ids is not None and "" not in ids and decoded != ids:
+                problems.append("sample_ids_utf8 disagrees with sample_ids")
         elif name == "labels" and (values <= LABEL_FILL).any():
             problems.append("invalid labels (object removed?)")
     return "; ".join(problems)
@@ -377,8 +390,9 @@ def _recompute(model: nn.Module, dataset: IndexedDataset, rows: np.ndarray, devi
     parts = []
     with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         for lo in range(0, len(rows), _FIDELITY_BATCH):
-            x = dataset.batch(rows[lo:lo + _FIDELITY_BATCH])[0].to(device)
-            parts.append(model(x).float().cpu().numpy())
+            some = rows[lo:lo + _FIDELITY_BATCH]
+            x = dataset.batch(some)[0].to(device)
+            parts.append(forward(model, x, torch.as_tensor(some)).float().cpu().numpy())
     return np.concatenate(parts) if parts else np.empty((0,), dtype=np.float32)  # reshaped by the caller
 
 

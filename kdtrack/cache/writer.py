@@ -21,8 +21,9 @@ import zarr
 from torch import nn
 from zarr.storage import LocalStore
 
-from kdtrack.cache.format import (chunk_bounds, create_store, default_chunk_rows, done_flags, is_store, num_chunks,
+from kdtrack.cache.format import (chunk_bounds, chunk_rows_for, create_store, done_flags, is_store, num_chunks,
                                   open_store, remove_store)
+from kdtrack.cache.ids import encode_ids
 from kdtrack.data import IndexedDataset
 from kdtrack.errors import BadInput, CacheError
 from kdtrack.progress import Progress
@@ -51,6 +52,11 @@ class BuildStats:
     batch_size_used: int
 
 
+def forward(model: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`model(x)`; a model that needs the batch's store rows (augment.ViewTeacher: views keyed by row) gets them."""
+    return model(x, rows) if getattr(model, "takes_rows", False) else model(x)
+
+
 def probe_output_shape(model: nn.Module, dataset: IndexedDataset, device: torch.device) -> tuple[int, ...]:
     """Per-sample output shape from one forward of row 0: `(C,)` for class logits, e.g. `(T, ch)` for a signal."""
     if len(dataset) == 0:
@@ -58,7 +64,7 @@ def probe_output_shape(model: nn.Module, dataset: IndexedDataset, device: torch.
     model.eval()
     try:
         with torch.inference_mode():
-            out = model(dataset.batch([0])[0].to(device))
+            out = forward(model, dataset.batch([0])[0].to(device), torch.zeros(1, dtype=torch.int64))
     except RuntimeError as exc:
         if _is_oom(exc):
             raise _oom_at_batch_one(device, str(exc)) from exc
@@ -161,7 +167,7 @@ def _prepare_store(
             _check_resumable(group, path, (len(dataset), output_shape, dtype), chunk_rows)
             return group
     remove_store(path)  # a foreign path is refused there, never deleted
-    rows = chunk_rows if chunk_rows is not None else min(default_chunk_rows(output_shape, dtype), len(dataset))
+    rows = chunk_rows_for(len(dataset), output_shape, dtype, chunk_rows)
     return create_store(path, sample_ids=dataset.sample_ids, labels=dataset.labels, output_shape=output_shape,
                         dtype=dtype, chunk_rows=rows, attrs=attrs)
 
@@ -183,7 +189,7 @@ def _check_resumable(group: zarr.Group, path: Path, wanted: tuple[int, tuple[int
     if stored != wanted:
         raise CacheError(f"the cache at {path} has the requested key but (rows, output shape, dtype) {stored}, "
                          f"not {wanted}", "rebuild it with resume=False (kdtrack cache-logits --no-resume)")
-    if chunk_rows is not None and chunk_rows != group.attrs["chunk_rows"]:
+    if chunk_rows is not None and chunk_rows_for(*wanted, chunk_rows) != group.attrs["chunk_rows"]:
         raise BadInput(f"chunk_rows={chunk_rows} but the store being resumed at {path} has {group.attrs['chunk_rows']}",
                        "leave chunk_rows unset to resume, or pass resume=False to rebuild")
 
@@ -265,7 +271,7 @@ class _ChunkRunner:
                 x = self.dataset.batch(torch.arange(lo, hi))[0]
                 if self.cuda:
                     x = x.pin_memory()
-                y = self.model(x.to(self.device, non_blocking=self.cuda))  # (B, *output_shape)
+                y = forward(self.model, x.to(self.device, non_blocking=self.cuda), torch.arange(lo, hi))  # (B, *out)
                 out[lo - start:hi - start].copy_(y.to(self.store_dtype), non_blocking=self.cuda)
                 bar.update(hi - lo)
                 reported[0] += hi - lo
@@ -322,8 +328,10 @@ class _ChunkWriter:
                 stop = start + len(block)
                 _write_rows(self.logits, start, block.numpy())
                 if self.dataset is not None:
-                    _write_rows(self.group["sample_ids"], start,
-                                np.asarray(self.dataset.sample_ids[start:stop], dtype=str))
+                    ids = self.dataset.sample_ids[start:stop]
+                    _write_rows(self.group["sample_ids"], start, np.asarray(ids, dtype=str))
+                    _write_rows(self.group["sample_ids_utf8"], start,
+                                encode_ids(ids, self.group["sample_ids_utf8"].shape[1]))
                     _write_rows(self.group["labels"], start, self.dataset.labels[start:stop])
                 _write_rows(self.flags, c, np.array([True]))  # only after the logits are on disk
             except Exception as exc:  # any failure must reach the caller's thread, not die here unseen

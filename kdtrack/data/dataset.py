@@ -2,55 +2,31 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kdtrack.data.file_samples import FileSamples, check_reshape
 from kdtrack.errors import DataError
+from kdtrack.normalisation import Normalisation
 
 UNLABELED = -1  # label of a sample whose class is unknown (split `unlabeled`)
 _STD_FLOOR = 1e-8
 _STAT_CHUNK_ROWS = 65536  # bounds the float64 temporaries of fit_normalisation
 
 
-@dataclass(frozen=True)
-class Normalisation:
-    """Scalar standardisation `(x - mean) / std`, stored as plain floats so checkpoints load weights-only."""
-
-    mean: float
-    std: float
-
-    def to_dict(self) -> dict[str, float]:
-        """`{"mean": float, "std": float}` with plain Python floats."""
-        return {"mean": float(self.mean), "std": float(self.std)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Normalisation:
-        """Inverse of `to_dict`; a missing key or a non-positive std is refused."""
-        try:
-            mean, std = float(d["mean"]), float(d["std"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"normalisation {d!r} is not of the form {{'mean': float, 'std': float}}",
-                            "save it with Normalisation.to_dict()") from exc
-        if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
-            raise DataError(f"normalisation {d!r} needs a finite mean and a positive std",
-                            "refit it with fit_normalisation on the training split")
-        return cls(mean, std)
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised copy of `x` (any shape)."""
-        return (x - self.mean) * (1.0 / self.std)
-
-
 def fit_normalisation(ds: IndexedDataset) -> Normalisation:
     """Scalar mean/std over all raw feature values of `ds`; pass `ds.select(["train"])` to avoid leakage."""
-    flat = ds.features.reshape(len(ds), -1)
-    if flat.size == 0:
+    if len(ds) == 0 or math.prod(ds.input_shape) == 0:
         raise DataError("cannot fit a normalisation on an empty dataset", "select a split that has samples")
+    if isinstance(ds.storage, FileSamples):
+        return _fit_from_moments(ds.storage.moments(), math.prod(ds.input_shape))
+    flat = ds.features.reshape(len(ds), -1)
     mean = float(flat.mean(dtype=np.float64))
     sq = 0.0
     for start in range(0, len(flat), _STAT_CHUNK_ROWS):
@@ -61,12 +37,23 @@ def fit_normalisation(ds: IndexedDataset) -> Normalisation:
     return Normalisation(mean, std if std > _STD_FLOOR else 1.0)
 
 
+def _fit_from_moments(moments: np.ndarray, values_per_row: int) -> Normalisation:
+    """Mean/std from each row's (sum, squared deviations from its own mean), read from the content-hash sidecar:
+    no sample is loaded. Pooled as in Chan et al.'s parallel variance: sum of within-row plus between-row parts."""
+    n = len(moments) * values_per_row
+    mean = float(moments[:, 0].sum() / n)
+    between = np.square(moments[:, 0] / values_per_row - mean).sum() * values_per_row
+    std = float((moments[:, 1].sum() + between) / n) ** 0.5
+    return Normalisation(mean, std if std > _STD_FLOOR else 1.0)
+
+
 class IndexedDataset(Dataset):
-    """In-memory samples; `ds[i]` is `(x, y, i, domain_index)` with x normalised when `normalisation` is set."""
+    """Samples in memory (an array) or read on demand from files (a FileSamples index); `ds[i]` is
+    `(x, y, i, domain_index)` with x normalised when `normalisation` is set."""
 
     def __init__(
         self,
-        features: np.ndarray,
+        features: np.ndarray | FileSamples,
         labels: np.ndarray,
         sample_ids: Sequence[str],
         splits: np.ndarray,
@@ -76,11 +63,12 @@ class IndexedDataset(Dataset):
         attributes: dict[str, np.ndarray] | None = None,
         normalisation: Normalisation | None = None,
     ) -> None:
-        features = np.ascontiguousarray(features, dtype=np.float32)
-        if not features.flags.writeable:
-            features = features.copy()  # torch.from_numpy needs a writeable buffer
+        if not isinstance(features, FileSamples):
+            features = np.ascontiguousarray(features, dtype=np.float32)
+            if not features.flags.writeable:
+                features = features.copy()  # torch.from_numpy needs a writeable buffer
         n = len(features)
-        self.features = features
+        self.storage = features
         self.labels = np.ascontiguousarray(labels, dtype=np.int64)
         self.sample_ids = list(sample_ids)
         self.splits = np.asarray(splits, dtype=str)
@@ -98,13 +86,55 @@ class IndexedDataset(Dataset):
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one sample, e.g. (1, 8, 8)."""
-        return tuple(int(d) for d in self.features.shape[1:])
+        if isinstance(self.storage, FileSamples):
+            return self.storage.shape
+        return tuple(int(d) for d in self.storage.shape[1:])
+
+    @property
+    def lazy(self) -> bool:
+        """True when samples are read from files on demand."""
+        return isinstance(self.storage, FileSamples)
+
+    @property
+    def features(self) -> np.ndarray:
+        """All raw samples (N, *input_shape) float32; a lazy dataset reads every file for it, so code that may
+        meet large data uses `arrays(rows)` or `batch(rows)` instead."""
+        return self.arrays(np.arange(len(self))) if isinstance(self.storage, FileSamples) else self.storage
+
+    def arrays(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Raw (unnormalised) samples of `rows` as a float32 array (B, *input_shape)."""
+        if isinstance(self.storage, FileSamples):
+            return self.storage.read(rows)
+        return self.storage[np.asarray(rows, dtype=np.int64)]
+
+    def content_hashes(self, recompute: bool = False) -> np.ndarray:
+        """sha256 of each row's raw float32 values, (N, 32) uint8; a lazy dataset takes them from its sidecar for
+        files whose size and mtime are unchanged, unless `recompute`."""
+        if isinstance(self.storage, FileSamples):
+            return self.storage.content_hashes(recompute)
+        flat = np.ascontiguousarray(self.storage, dtype="<f4").reshape(len(self), -1).view(np.uint8)
+        out = np.empty((len(self), 32), dtype=np.uint8)
+        for i in range(len(self)):
+            out[i] = np.frombuffer(hashlib.sha256(flat[i]).digest(), dtype=np.uint8)
+        return out
+
+    def reshaped(self, shape: Sequence[int]) -> IndexedDataset:
+        """Same rows whose samples are read as `shape` (as many values as today's shape)."""
+        shape = tuple(int(d) for d in shape)
+        other = copy.copy(self)
+        if isinstance(self.storage, FileSamples):
+            other.storage = self.storage.reshaped(shape)
+        else:
+            check_reshape(shape, self.input_shape)
+            other.storage = self.storage.reshape(len(self), *shape)
+        other._bind_tensors()
+        return other
 
     def __len__(self) -> int:
-        return len(self.features)
+        return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, int]:
-        x = self._x[i]
+        x = torch.from_numpy(self.storage.read([i])[0]) if self._x is None else self._x[i]
         if self.normalisation is not None:
             x = self.normalisation.apply(x)
         return x, self._y[i], i, self._d[i]
@@ -123,7 +153,7 @@ class IndexedDataset(Dataset):
         """The given rows (int indices, in the order given) as a new dataset; sample ids are kept."""
         rows = np.asarray(rows, dtype=np.int64)
         return IndexedDataset(
-            features=self.features[rows],
+            features=self.storage.take(rows) if isinstance(self.storage, FileSamples) else self.storage[rows],
             labels=self.labels[rows],
             sample_ids=[self.sample_ids[r] for r in rows.tolist()],
             splits=self.splits[rows],
@@ -158,9 +188,10 @@ class IndexedDataset(Dataset):
     def batch(self, rows: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, ...]:
         """`(x[B, ...], y[B], row[B], domain[B])` for many rows at once; equal to collating `ds[r]` for r in rows."""
         index = torch.as_tensor(rows, dtype=torch.int64)
-        x = self._x.index_select(0, index)
+        x = torch.from_numpy(self.storage.read(index.numpy())) if self._x is None else self._x.index_select(0, index)
         if self.normalisation is not None:
-            x.sub_(self.normalisation.mean).mul_(1.0 / self.normalisation.std)
+            mean, scale = self.normalisation.terms(len(self.input_shape))
+            x.sub_(mean).mul_(scale)
         return x, self._y_t.index_select(0, index), index, self._d_t.index_select(0, index)
 
     def __repr__(self) -> str:
@@ -179,7 +210,7 @@ class IndexedDataset(Dataset):
         self._bind_tensors()
 
     def _bind_tensors(self) -> None:
-        self._x = torch.from_numpy(self.features)
+        self._x = None if isinstance(self.storage, FileSamples) else torch.from_numpy(self.storage)
         self._y_t = torch.from_numpy(self.labels)
         self._d_t = torch.from_numpy(self._domain_index)
         # plain lists: indexing one is several times cheaper than a numpy scalar -> int on the hot path
@@ -187,8 +218,8 @@ class IndexedDataset(Dataset):
         self._d: list[int] = self._domain_index.tolist()
 
     def _check(self, n: int) -> None:
-        if self.features.ndim < 2:
-            raise DataError(f"features have shape {self.features.shape}, need (N, *input_shape)",
+        if isinstance(self.storage, np.ndarray) and self.storage.ndim < 2:
+            raise DataError(f"features have shape {self.storage.shape}, need (N, *input_shape)",
                             "stack one array per sample along a new first axis")
         lengths = {"labels": len(self.labels), "sample_ids": len(self.sample_ids), "splits": len(self.splits),
                    "domains": len(self.domains), **{k: len(v) for k, v in self.attributes.items()}}

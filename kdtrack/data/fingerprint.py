@@ -3,24 +3,20 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
-
 from kdtrack.data.dataset import IndexedDataset
 
 DIGEST_FORMAT = "kdtrack.dataset-digest/1"
 
 
-def dataset_digest(ds: IndexedDataset) -> str:
+def dataset_digest(ds: IndexedDataset, recompute: bool = False) -> str:
     """sha256 hex over (sample_id, label, split, sha256 of raw float32 feature bytes) for each row in order.
 
-    The per-sample shape is hashed once up front, so a reshape of identical bytes changes it too.
+    The per-sample shape is hashed once up front, so a reshape of identical bytes changes it too. A file-backed
+    dataset takes unchanged files' content hashes from its sidecar; `recompute=True` re-reads every file.
     """
-    flat = np.ascontiguousarray(ds.features, dtype="<f4").reshape(len(ds), -1)
-    row_bytes = flat.shape[1] * flat.itemsize
-    raw = memoryview(flat.reshape(-1).view(np.uint8))  # slicing a memoryview copies nothing
+    hashes = ds.content_hashes(recompute)  # (N, 32) uint8
     outer = hashlib.sha256(f"{DIGEST_FORMAT}\0{ds.input_shape}\0{len(ds)}\n".encode())
-    for i, (sid, label, split) in enumerate(zip(ds.sample_ids, ds.labels.tolist(), ds.splits.tolist())):
-        content = hashlib.sha256(raw[i * row_bytes:(i + 1) * row_bytes]).digest()
+    for sid, label, split, content in zip(ds.sample_ids, ds.labels.tolist(), ds.splits.tolist(), hashes):
         # NUL cannot occur in a path-like id or split name, so the fields cannot run into each other
         outer.update(f"{sid}\0{label}\0{split}\0".encode())
         outer.update(content)

@@ -89,11 +89,13 @@ def make_loader(
     device: torch.device | str = "cpu",
     drop_last: bool = False,
     shard: tuple[int, int] = (0, 1),
+    order: Sampler[int] | None = None,
 ) -> DataLoader:
     """Batches `(x[B, ...], y[B], row[B], domain[B])`; with shuffle, `loader.sampler` is an EpochShuffleSampler.
 
-    `shard=(rank, world)` gives a shuffled loader this rank's share of every epoch (DDP). `loader.dataset` is a
-    thin view forwarding to `ds` (its `.dataset` is `ds` itself).
+    `shard=(rank, world)` gives a shuffled loader this rank's share of every epoch (DDP). `order` replaces the
+    sampler (e.g. a ChunkAwareSampler over a cache read by chunks, sharded by itself). `loader.dataset` is a thin
+    view forwarding to `ds` (its `.dataset` is `ds` itself).
     """
     if batch_size < 1:
         raise DataError(f"batch_size is {batch_size}",
@@ -103,8 +105,8 @@ def make_loader(
         raise DataError(f"num_workers is {num_workers}", "use 0 (load in the main process) or a positive count")
     if shard != (0, 1) and not shuffle:
         raise DataError("only shuffled (training) loaders are split across ranks", "evaluate on one rank")
-    sampler: Sampler[int] = (EpochShuffleSampler(len(ds), seed, *shard) if shuffle
-                             else SequentialSampler(range(len(ds))))
+    sampler: Sampler[int] = (order if order is not None else EpochShuffleSampler(len(ds), seed, *shard) if shuffle
+                             else SequentialSampler(range(len(ds))))  # `order`: e.g. a chunk-aware shuffle
     return DataLoader(
         _RowBatches(ds),
         batch_size=batch_size,

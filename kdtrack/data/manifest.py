@@ -1,4 +1,5 @@
-"""Manifest source: a JSON list of samples, each a `.npy` feature file under a data root with a label and split.
+"""Manifest source: a JSON list of samples, each a sample file (`.npy`, `.png`/`.jpg`, `.wav`) under a data root
+with a label and split. Read lazily by default: the dataset holds the index and reads files on demand.
 
 Accepted forms: `[entry, ...]` or `{"num_classes": K | "classes": [names], "splits": [extra], "samples": [...]}`.
 An entry is `{"file": rel/path.npy, "label": int | class name | null, "split": name,
@@ -7,15 +8,19 @@ An entry is `{"file": rel/path.npy, "label": int | class name | null, "split": n
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from dataclasses import dataclass
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kdtrack.data.content_hashes import Sidecar
 from kdtrack.data.dataset import UNLABELED, IndexedDataset
-from kdtrack.data.feature_files import FeatureFile, load_feature_files
+from kdtrack.data.feature_files import FeatureFile, load_checked, load_feature_files, locate
+from kdtrack.data.file_samples import FileSamples, FileTable
+from kdtrack.data.readers import check_suffix
 from kdtrack.errors import DataError
 
 BASE_SPLITS = ("train", "val", "test", "unlabeled")
@@ -40,8 +45,12 @@ class _Entry:
     text: dict[str, str | None]  # domain, device, city as given (None when absent)
 
 
-def load_manifest(path: Path, root: Path | None = None, default_num_classes: int = 10) -> IndexedDataset:
-    """Every sample the manifest at `path` lists; files resolve under `root` (default: the manifest's folder)."""
+def load_manifest(path: Path, root: Path | None = None, default_num_classes: int = 10, *,
+                  lazy: bool = True) -> IndexedDataset:
+    """Every sample the manifest at `path` lists; files resolve under `root` (default: the manifest's folder).
+
+    Lazy (default): only the first file is read here (its shape is the dataset's); the rest are read on demand,
+    and checked when the digest first hashes them. `lazy=False` reads every file into one array now."""
     doc = _read_json(path)
     header, raw_entries = _parse_top(doc, path, default_num_classes)
     root = path.parent if root is None else root
@@ -50,7 +59,14 @@ def load_manifest(path: Path, root: Path | None = None, default_num_classes: int
                         "set data.root to the folder the manifest's files are under")
     real_root = root.resolve()
     entries = [_parse_entry(i, raw, header, real_root) for i, raw in enumerate(raw_entries)]
-    features = load_feature_files([e.file for e in entries], root)
+    files = [e.file for e in entries]
+    stats = locate(files, root, real_root)
+    if lazy:
+        shape = load_checked(files[0], None, files[0]).shape
+        features: np.ndarray | FileSamples = FileSamples(
+            FileTable(files, stats, shape, Sidecar(path, real_root)), np.arange(len(files)), shape)
+    else:
+        features = load_feature_files(files)
     domains = [e.text["domain"] or e.text["device"] or "default" for e in entries]
     attributes = {
         key: np.array([e.text[key] or "" for e in entries])
@@ -157,17 +173,18 @@ def _parse_file(i: int, name: Any, real_root: Path) -> FeatureFile:
     if not isinstance(name, str) or not name.strip():
         raise DataError(f"{where}: file must be a non-empty relative path", 'e.g. "file": "train/0001.npy"')
     posix = name.replace("\\", "/")  # a manifest written on Windows names the same files
-    if posix.startswith("/") or PureWindowsPath(name).drive:
+    if posix.startswith("/") or (name[1:2] == ":" and name[:1].isalpha()):  # /x, //server/x, C:\\x, C:x
         raise DataError(f"{where} has an absolute file path",
                         "write paths relative to the data root, so moving the data keeps sample ids stable")
     rel = posixpath.normpath(posix)
-    resolved = (real_root / rel).resolve()
-    if rel == ".." or rel.startswith("../") or not resolved.is_relative_to(real_root):
+    # lexical here; symlinks leading out of the root are caught by `locate`, one folder listing for many files
+    if rel == ".." or rel.startswith("../"):
         raise DataError(f"{where} points outside the data root {real_root}",
                         "keep every file (and any symlink's target) under the data root")
     if rel == ".":
         raise DataError(f"{where} names the data root itself, not a file", 'e.g. "file": "train/0001.npy"')
-    return FeatureFile(index=i, sample_id=rel, path=resolved)
+    check_suffix(rel, where)
+    return FeatureFile(index=i, sample_id=rel, path=f"{real_root}{os.sep}{rel}")
 
 
 def _parse_label(where: str, raw: dict[str, Any], split: str, header: _Header) -> int:

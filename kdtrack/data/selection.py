@@ -8,6 +8,7 @@ import numpy as np
 
 from kdtrack.config import DataConfig
 from kdtrack.data.dataset import UNLABELED, IndexedDataset
+from kdtrack.data.file_samples import FileSamples
 from kdtrack.data.index_splits import SUFFIX, read_index_file
 from kdtrack.data.sources import build_dataset
 from kdtrack.errors import DataError, LeakageError
@@ -32,7 +33,7 @@ def student_dataset(cfg: DataConfig) -> IndexedDataset:
     dropped = np.concatenate(drop)
     labels, splits = full.labels.copy(), full.splits.astype(object)
     labels[dropped], splits[dropped] = UNLABELED, "unlabeled"
-    return IndexedDataset(features=full.features, labels=labels, sample_ids=full.sample_ids,
+    return IndexedDataset(features=full.storage, labels=labels, sample_ids=full.sample_ids,
                           splits=splits.astype(str), domains=full.domains, num_classes=full.num_classes,
                           source=full.source, attributes=full.attributes)
 
@@ -79,7 +80,8 @@ def _guard(ds: IndexedDataset, allow: Sequence[str], where: str = "") -> None:
 def _concat(parts: list[IndexedDataset]) -> IndexedDataset:
     first = parts[0]
     return IndexedDataset(
-        features=np.concatenate([p.features for p in parts]),
+        features=(FileSamples.concat([p.storage for p in parts]) if first.lazy
+                  else np.concatenate([p.storage for p in parts])),
         labels=np.concatenate([p.labels for p in parts]),
         sample_ids=[i for p in parts for i in p.sample_ids],
         splits=np.concatenate([p.splits for p in parts]),

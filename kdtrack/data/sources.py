@@ -20,7 +20,8 @@ _FILL_CHUNK_ROWS = 65536  # bounds the temporary made when adding prototypes to 
 
 
 def build_dataset(cfg: DataConfig) -> IndexedDataset:
-    """The full dataset (every split) for `cfg.source`, re-split by `cfg.index_splits` when that is set."""
+    """The full dataset (every split) for `cfg.source`, its samples reshaped to `cfg.input_shape` when that is set
+    (synthetic data is generated in that shape), re-split by `cfg.index_splits` when that is set."""
     builders: dict[str, Callable[[DataConfig], IndexedDataset]] = {
         "digits": load_digits_dataset,
         "synthetic": make_synthetic,
@@ -29,6 +30,8 @@ def build_dataset(cfg: DataConfig) -> IndexedDataset:
     if cfg.source not in builders:
         raise DataError(f"unknown data source {cfg.source!r}", f"set data.source to one of: {', '.join(builders)}")
     ds = builders[cfg.source](cfg)
+    if cfg.input_shape and cfg.source != "synthetic" and tuple(cfg.input_shape) != ds.input_shape:
+        ds = ds.reshaped(cfg.input_shape)  # e.g. (40,) files read as (1, 40); refused unless the value counts agree
     if cfg.index_splits:
         ds = apply_index_splits(ds, cfg.index_splits)
     return ds

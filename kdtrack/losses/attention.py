@@ -56,7 +56,7 @@ class AttentionTransfer(nn.Module):
             n = min(len(s_stages), len(t_stages))
             if n == 0:
                 raise ConfigError("attention transfer needs (C, H, W) conv stages in both student and teacher",
-                                  "use fitnet or rkd for models without conv stages (e.g. mlp)")
+                                  "use fitnet or rkd for models without 2d conv stages (an mlp, a 1d conv net)")
             student_layers = student_layers or s_stages[len(s_stages) - n:]
             teacher_layers = teacher_layers or t_stages[len(t_stages) - n:]
         for role, model, names in (("student", student, student_layers), ("teacher", teacher, teacher_layers)):

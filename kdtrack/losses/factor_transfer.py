@@ -117,8 +117,8 @@ class FactorTransfer(nn.Module):
 def _last_spatial(model: nn.Module, input_shape: tuple[int, ...]) -> str:
     stages = spatial_layers(stage_shapes(model, input_shape))
     if not stages:
-        raise ConfigError(f"factor transfer needs a conv stage but {type(model).__name__} has none",
-                          "use fitnet or rkd for models without conv stages (e.g. mlp)")
+        raise ConfigError(f"factor transfer needs a (C, H, W) conv stage but {type(model).__name__} has none",
+                          "use fitnet or rkd for models without 2d conv stages (an mlp, a 1d conv net)")
     return stages[-1]
 
 

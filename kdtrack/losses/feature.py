@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdtrack.engine import masked_cross_entropy
+from kdtrack.engine import LabelledCE, batch_mix, masked_cross_entropy
 from kdtrack.errors import ConfigError
 from kdtrack.losses.attention import AttentionTransfer
 from kdtrack.losses.factor_transfer import FactorTransfer
@@ -60,6 +60,7 @@ class FeatureKD:
         self.teacher = teacher.requires_grad_(False).eval()
         self.alpha = float(alpha)
         self.label_smoothing = label_smoothing
+        self.stats = LabelledCE()
 
     def __call__(
         self, model: nn.Module, batch: Sequence[Any], epoch: int
@@ -71,6 +72,12 @@ class FeatureKD:
             self.teacher(x)
         with capture_features(model, self.method.student_layers) as student_feats:
             logits = model(x)  # (B, C)
-        ce = masked_cross_entropy(logits, y, self.label_smoothing)
+        mix = batch_mix(batch)  # the teacher saw the same mixed inputs: only the labels need mixing
+        ce = masked_cross_entropy(logits, y, self.label_smoothing, mix)
+        self.stats.add(logits, y, ce if self.label_smoothing == 0 else None, mix)
         feature = self.method(student_feats, teacher_feats)
         return logits, {"ce": (1.0 - self.alpha) * ce, self.method.name: self.alpha * feature}
+
+    def pop_stats(self) -> dict[str, float]:
+        """`{"ce_labelled": ...}`: the unweighted CE on labelled rows, as every student logs it (LabelledCE)."""
+        return self.stats.pop()

@@ -60,5 +60,6 @@ class FitNet(nn.Module):
 
 
 def _middle(shapes: dict[str, tuple[int, ...]]) -> str:
-    candidates = spatial_layers(shapes) or list(shapes)
+    """The middle (C, H, W) stage; without one (an mlp, a 1d conv net) the middle (D,) embedding."""
+    candidates = spatial_layers(shapes) or [name for name, shape in shapes.items() if len(shape) == 1]
     return candidates[len(candidates) // 2]

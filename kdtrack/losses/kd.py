@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdtrack.engine import masked_cross_entropy
+from kdtrack.engine import batch_mix, masked_cross_entropy
 from kdtrack.errors import BadInput, ConfigError
 
 LOSS_TYPES = ("kldiv", "soft_ce")
@@ -170,7 +170,7 @@ class KDLossConfig:
 
 def _student_terms(
     student_outputs: torch.Tensor, teacher_outputs: torch.Tensor, targets: torch.Tensor | None,
-    config: KDLossConfig, epoch: int, domain_mask: torch.Tensor | None,
+    config: KDLossConfig, epoch: int, domain_mask: torch.Tensor | None, mix: Any | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted CE and KD terms (they sum to the loss) and the `_STAT_NAMES` values as one tensor; no host sync."""
     batch = student_outputs.shape[0]
@@ -189,7 +189,7 @@ def _student_terms(
                            f"{None if targets is None else tuple(targets.shape)}", "pass the batch's labels y")
         kd_weight = compute_kd_weight(epoch, config.warmup_epochs, config.kd_ramp_epochs, config.kd_alpha)
         ce_weight = 1.0 - kd_weight
-        ce = masked_cross_entropy(student_outputs, targets, config.label_smoothing)
+        ce = masked_cross_entropy(student_outputs, targets, config.label_smoothing, mix)
         per_sample = kd_loss(student_outputs, teacher_outputs, config.temperature, config.loss_type, "none")
         weights, confidence = _confidence(teacher_outputs, config.kd_weighting, config.confidence_threshold)
     if domain_mask is not None:
@@ -226,6 +226,19 @@ def compute_student_loss(
     return ce_term + kd_term, values
 
 
+def mixed_teacher_outputs(teacher: torch.Tensor, mix: Any, config: KDLossConfig) -> torch.Tensor:
+    """Teacher outputs for mixed inputs from those of the samples: the probabilities at temperature T mixed with the
+    inputs' λ and partner, given back as logits T·log p (whose softmax at T is exactly that mix); signal outputs
+    (regression) mixed linearly."""
+    lam = mix.lam.to(teacher.device, torch.float32).view(-1, *[1] * (teacher.dim() - 1))
+    partner = mix.partner.to(teacher.device)
+    if config.regression != "none":
+        return lam * teacher.float() + (1 - lam) * teacher.float()[partner]
+    probs = torch.softmax(teacher.float() / config.temperature, dim=1)
+    mixed = lam * probs + (1 - lam) * probs[partner]
+    return config.temperature * torch.log(mixed.clamp_min(torch.finfo(torch.float32).tiny))
+
+
 class LogitKD:
     """Engine loss `(model, batch, epoch) -> (outputs, {"ce": ..., "kd": ...})`, terms already weighted.
 
@@ -234,10 +247,13 @@ class LogitKD:
     """
 
     def __init__(self, teacher_logits_fn: Callable[[Sequence[Any]], torch.Tensor],
-                 config: KDLossConfig, domain_index: int | None = None) -> None:
+                 config: KDLossConfig, domain_index: int | None = None, *, mixes_targets: bool = False) -> None:
         self.teacher_logits_fn = teacher_logits_fn
         self.config = config
         self.domain_index = domain_index
+        # True when the teacher outputs are of each sample's own input (a cache): mixup then mixes them as it mixed
+        # the inputs; False for a live teacher, which already saw the mixed input
+        self.mixes_targets = mixes_targets
         self._sums: torch.Tensor | None = None  # running sums of the step stats, on the loss's device
         self._steps = 0
 
@@ -247,20 +263,26 @@ class LogitKD:
         x, y = batch[0], batch[1]
         outputs = model(x)
         teacher = self.teacher_logits_fn(batch).to(outputs.device, non_blocking=True)
+        mix = batch_mix(batch)
+        if mix is not None and self.mixes_targets:
+            teacher = mixed_teacher_outputs(teacher, mix, self.config)
         mask = None
         if self.domain_index is not None:
             mask = batch[3].to(outputs.device) == self.domain_index  # (B,)
-        ce_term, kd_term, stats = _student_terms(outputs, teacher, y, self.config, epoch, mask)
+        ce_term, kd_term, stats = _student_terms(outputs, teacher, y, self.config, epoch, mask, mix)
         self._sums = stats if self._sums is None else self._sums + stats
         self._steps += 1
         return outputs, {"ce": ce_term, "kd": kd_term}
 
     def pop_stats(self) -> dict[str, float]:
-        """Means of the step stats since the last call (one host sync), then reset; {} when no step ran."""
+        """Means since the last call (one host sync), then reset; {} when no step ran. What a student logs beside
+        the weighted terms `loss_ce` and `loss_kd` (which the engine logs): `ce_labelled` (the unweighted CE on
+        labelled rows, as the no-KD baseline logs it), `kd_weight` (CE gets 1 - kd_weight), `coverage` and
+        `avg_confidence`. The total and unweighted KD would repeat `loss`, `loss_kd` / `kd_weight`."""
         if self._sums is None:
             return {}
         means = dict(zip(_STAT_NAMES, (self._sums / self._steps).tolist()))
-        if self.config.regression != "none":
-            del means["avg_confidence"]
         self._sums, self._steps = None, 0
-        return means
+        if self.config.regression != "none":  # signals: no labels, no class confidence
+            return {"kd_weight": means["kd_weight"], "coverage": means["coverage"]}
+        return {"ce_labelled": means["ce_loss"], **{k: means[k] for k in ("kd_weight", "coverage", "avg_confidence")}}

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdtrack import cache, claims, distributed, engine, tracking
+from kdtrack import augment, cache, claims, distributed, engine, tracking
 from kdtrack.config import Config
 from kdtrack.data import IndexedDataset, dataset_digest, distillation_rows, student_dataset
 from kdtrack.errors import CacheError, KdtrackError
-from kdtrack.stages.training import progress_enabled
+from kdtrack.stages.training import cache_params, progress_enabled, rows_name
 from kdtrack.teachers import Teacher, check_fits, load_teacher
 
 STAGE = "cache"
@@ -63,7 +63,8 @@ def run_many(cfg: Config, teacher_run_ids: list[str], *, force: bool = False, re
         if len(teacher_run_ids) == 1:
             return [run(cfg, teacher_run_ids[0], force=force, resume=resume)]
         with tracking.stage_run("cache-group", cfg, run_name=f"cache-{len(teacher_run_ids)}-teachers",
-                                description=f"Logit caches of teachers {', '.join(teacher_run_ids)}.") as parent:
+                                description=f"Logit caches of teachers {', '.join(teacher_run_ids)}.",
+                                params=cache_params(cfg, teacher_run_ids)) as parent:
             ids = [run(cfg, t, force=force, resume=resume) for t in teacher_run_ids]
             parent.set_tags({f"{T}teacher_run_ids": ",".join(teacher_run_ids), f"{T}cache_run_ids": ",".join(ids)})
         return ids
@@ -143,10 +144,12 @@ def store_problem(run, expect: dict[str, str] | None = None, path: Path | None =
 def mark_broken(run, problem: str) -> None:
     """Record on the run (and on its store, when it opens) that it must not be read, and say so."""
     print(f"not reusing cache run {run.info.run_id}: {problem}; marked incomplete", file=sys.stderr)
+    tracked = tracking.StageRun.of(run.info.run_id)
+    tracked.set_tags({f"{T}complete": "false", f"{T}verified": "fail", f"{T}problem": problem[:500]})
     with contextlib.suppress(KdtrackError):
-        cache.mark_incomplete(cache.open_store(tracking.artifact_path(run.info.run_id, ARTIFACT), mode="r+"))
-    tracking.StageRun.of(run.info.run_id).set_tags({f"{T}complete": "false", f"{T}verified": "fail",
-                                                    f"{T}problem": problem[:500]})
+        path = tracking.artifact_path(run.info.run_id, ARTIFACT)
+        cache.mark_incomplete(cache.open_store(path, mode="r+"))
+        upload_attributes(tracked, path)
 
 
 @contextlib.contextmanager
@@ -161,10 +164,11 @@ def _cache_run(cfg: Config, teacher: Teacher, rows: IndexedDataset, plan: _Plan,
                    f"({', '.join(rows.split_counts())}), {cfg.cache.dtype}.")
     with tracking.stage_run(STAGE, cfg, run_name=f"cache-{teacher.run_name}", description=description,
                             resume_run_id=resume_id, same_config=False,
+                            params=cache_params(cfg, [teacher.run_id], rows),
                             expect={f"{T}cache_key": plan.key, f"{T}teacher_run_id": teacher.run_id}) as tracked:
         tracked.set_tags(plan.tags(teacher, len(rows)))
         if resume_id is None:
-            tracked.log_dataset(name=rows.source, digest=plan.digest, context="cache",
+            tracked.log_dataset(name=rows_name(rows, cfg.data.student_labels), digest=plan.digest, context="cache",
                                 source={"source": rows.source, "splits": ",".join(rows.split_counts())})
         yield tracked
 
@@ -188,12 +192,19 @@ def plan_for(cfg: Config, teacher: Teacher, rows: IndexedDataset, device: torch.
              digest: str | None = None) -> _Plan:
     """The cache of `teacher` over `rows` that `cfg` asks for: digest, key, output shape, splits."""
     digest = digest or dataset_digest(rows)
-    shape = cache.probe_output_shape(teacher.model, rows, device)
+    views = cache_views(cfg)
+    shape = cache.probe_output_shape(augment.with_views(teacher.model, views), rows, device)
     splits = tuple(dict.fromkeys(rows.splits.tolist()))
     common = dict(checkpoint_sha256=teacher.checkpoint_sha256, splits=list(splits), dtype=cfg.cache.dtype,
-                  output_shape=list(shape), normalisation=teacher.normalisation.to_dict())
+                  output_shape=list(shape), normalisation=teacher.normalisation.to_dict(),
+                  views=views.to_attrs() if views else None)
     return _Plan(digest=digest, key=cache.cache_key(dataset_digest=digest, **common),
                  compute_key=cache.cache_key(dataset_digest="", **common), output_shape=shape, splits=splits)
+
+
+def cache_views(cfg: Config) -> augment.Views | None:
+    """The augmented views `cfg` caches per row (cache.views of data.augment's per-sample ops); None: clean rows."""
+    return augment.cache_views(cfg.data.augment, cfg.cache.views, cfg.cache.view_seed)
 
 
 def _build_and_verify(cfg: Config, tracked: tracking.StageRun, teacher: Teacher, rows: IndexedDataset,
@@ -214,7 +225,12 @@ def _fill(cfg: Config, path: Path, teacher: Teacher, rows: IndexedDataset, plan:
              "dataset_digest": plan.digest, "cache_key": plan.key, "splits": list(plan.splits),
              "normalisation": teacher.normalisation.to_dict(), "model_spec": teacher.spec.to_dict(),
              "num_classes": teacher.spec.num_classes if len(plan.output_shape) == 1 else None}
-    return cache.build(path, teacher.model, rows, attrs=attrs, device=device, batch_size=cfg.cache.batch_size,
+    views = cache_views(cfg)
+    if views:
+        attrs.update(views=views.to_attrs(), num_classes=teacher.spec.num_classes if len(plan.output_shape) == 2
+                     else None)
+    return cache.build(path, augment.with_views(teacher.model, views), rows, attrs=attrs, device=device,
+                       batch_size=cfg.cache.batch_size,
                        amp_dtype=engine.amp_dtype(cfg.train.amp, device), dtype=cfg.cache.dtype,
                        chunk_rows=cfg.cache.chunk_rows or None, resume=resume, chunks=chunks, prior=prior,
                        progress=progress_enabled(cfg.train.progress))
@@ -225,8 +241,9 @@ def _finish(cfg: Config, tracked: tracking.StageRun, path: Path, teacher: Teache
     """Verify the filled store, mark it complete, upload it when the artifact store is remote, log metrics."""
     store = cache.open_store(path, mode="r+")
     check_rows = np.random.default_rng(cfg.seed).permutation(len(rows))[: cfg.cache.verify_rows]
-    report = cache.verify_store(store, rows.sample_ids, teacher.model, rows, fidelity_rows=check_rows,
-                                device=device, amp_dtype=engine.amp_dtype(cfg.train.amp, device))
+    report = cache.verify_store(store, rows.sample_ids, augment.with_views(teacher.model, cache_views(cfg)), rows,
+                                fidelity_rows=check_rows, device=device,
+                                amp_dtype=engine.amp_dtype(cfg.train.amp, device))
     if not report.passed:
         raise CacheError(f"cache verification failed: {'; '.join(report.failures())}",
                          "run again to rebuild the chunks that are not done, or with --no-resume")
@@ -337,6 +354,13 @@ def upload_store(tracked: tracking.StageRun, path: Path) -> int:
         return cache.store_nbytes(packed)
     finally:
         shutil.rmtree(packed, ignore_errors=True)
+
+
+def upload_attributes(tracked: tracking.StageRun, path: Path) -> None:
+    """When the run's store lives on a remote artifact store, `path` is a downloaded copy: upload its group metadata
+    (`zarr.json`, which holds `complete` and `fidelity`) so that the server's store says what the run says."""
+    if tracking.local_artifact_dir(tracked.run_id) is None:
+        tracked.log_artifact(path / "zarr.json", ARTIFACT)
 
 
 def _prior_rows(plan: _Plan, rows: IndexedDataset) -> cache.PriorRows | None:

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from kdtrack import checkpoint, distributed, engine, tracking
-from kdtrack.cache import LogitTable
+from kdtrack import augment, checkpoint, distributed, engine, tracking
+from kdtrack.cache import LogitTable, default_memory_budget
 from kdtrack.config import Config
 from kdtrack.data import IndexedDataset, make_loader
 from kdtrack.errors import BadInput, CacheError, CacheNotFound, CheckpointError
@@ -35,12 +35,19 @@ class CacheRef:
 
 @dataclass
 class Distillation:
-    """An engine loss plus what it trains besides the student (`modules`) and where its targets came from."""
+    """An engine loss plus what it trains besides the student (`modules`) and where its targets came from.
+    `training_loss` is the loss the student optimises: `loss` on the batches as data.augment augments them."""
 
     loss: Any
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)
     caches: list[CacheRef] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
+    training_loss: Any = None
+    chunked: LogitTable | None = None  # a cache too big for the memory budget, read by whole chunks
+
+    def __post_init__(self) -> None:
+        if self.training_loss is None:
+            self.training_loss = self.loss
 
 
 def build_distillation(cfg: Config, teachers: list[Teacher], student: torch.nn.Module, train: IndexedDataset,
@@ -49,10 +56,14 @@ def build_distillation(cfg: Config, teachers: list[Teacher], student: torch.nn.M
     """The loss of `cfg.method`; `train` holds the raw (un-normalised) training rows in loader order and
     `digest` is their dataset digest. `cache_run_ids` (one per teacher) pins the caches cached KD reads."""
     if cfg.method == "none":
-        return Distillation(engine.SupervisedLoss(cfg.train.label_smoothing))
-    if cfg.method == "kd":
-        return _logit_kd(cfg, teachers, train, digest, device, build_missing_cache, list(cache_run_ids))
-    return _feature_kd(cfg, teachers, student, train, digest, device)
+        distill = Distillation(engine.SupervisedLoss(cfg.train.label_smoothing))
+    elif cfg.method == "kd":
+        distill = _logit_kd(cfg, teachers, train, digest, device, build_missing_cache, list(cache_run_ids))
+    else:
+        distill = _feature_kd(cfg, teachers, student, train, digest, device)
+    if distill.training_loss is distill.loss:  # a view-consistent cache has set its own
+        distill.training_loss = augment.training_loss(distill.loss, cfg.data.augment, cfg.seed)
+    return distill
 
 
 def _logit_kd(cfg: Config, teachers: list[Teacher], train: IndexedDataset, digest: str, device: torch.device,
@@ -79,17 +90,48 @@ def _logit_kd(cfg: Config, teachers: list[Teacher], train: IndexedDataset, diges
         return Distillation(LogitKD(online, loss_cfg, domain))
     if cache_run_ids and len(cache_run_ids) != len(teachers):
         raise BadInput(f"{len(cache_run_ids)} cache runs given for {len(teachers)} teachers", "give one per teacher")
+    clean = _clean_targets(cfg)  # before any cache is looked for or built
     caches = ([pinned_cache(cfg, t, train, digest, device, c) for t, c in zip(teachers, cache_run_ids)]
               if cache_run_ids else [resolve_cache(cfg, t, train, digest, device, build_missing_cache) for t in teachers])
-    tables = [LogitTable.open(tracking.artifact_path(c.run_id, "logits.zarr"), train, expected_digest=digest)
-              .to(device) for c in caches]
+    tags = {f"{T}cache_run_ids": ",".join(c.run_id for c in caches), **clean}
+    budget = (int(cfg.cache.memory_budget_mb * 2**20) if cfg.cache.memory_budget_mb
+              else default_memory_budget(distributed.local_world_size()))
+    tables = [LogitTable.open(tracking.artifact_path(c.run_id, "logits.zarr"), train, expected_digest=digest,
+                              memory_budget_bytes=budget // len(caches)).to(device) for c in caches]
+    views = cache_logits.cache_views(cfg)
 
     def cached(batch: Any) -> torch.Tensor:
         rows = batch[2]  # (B,) dataset rows, aligned to cache rows once when the table opened
-        return tables[0][rows] if len(tables) == 1 else fuse_teachers([t[rows] for t in tables], kd.fusion, weights)
+        outputs = [t[rows] for t in tables]
+        if views:  # (B, K, ...) per teacher: the view each sample was given (batch[5])
+            pick = batch[5].to(outputs[0].device).view(-1, 1, *[1] * (outputs[0].dim() - 2))
+            outputs = [o.gather(1, pick.expand(-1, 1, *o.shape[2:])).squeeze(1) for o in outputs]
+        return outputs[0] if len(outputs) == 1 else fuse_teachers(outputs, kd.fusion, weights)
 
-    return Distillation(LogitKD(cached, loss_cfg, domain), caches=caches,
-                        tags={f"{T}cache_run_ids": ",".join(c.run_id for c in caches)})
+    loss = LogitKD(cached, loss_cfg, domain, mixes_targets=True)
+    distill = Distillation(loss, caches=caches, tags=tags, chunked=next((t for t in tables if not t.in_memory), None))
+    if views:
+        batch_ops = [op for op in augment.parse(cfg.data.augment) if op.name in augment.BATCH_OPS]
+        distill.training_loss = augment.ViewAugmented(loss, views, batch_ops, cfg.seed, tables[0].cache_rows)
+        distill.tags[f"{T}cache_views"] = str(views.count)
+    return distill
+
+
+def _clean_targets(cfg: Config) -> dict[str, str]:
+    """Refuse cached clean-sample targets for a student that trains on inputs they do not describe (augmented),
+    unless kd.clean_targets says the user chose that; the tag records the choice. Mixup alone is consistent: the
+    targets are mixed as the inputs are."""
+    views = cache_logits.cache_views(cfg)
+    replayed = {str(op) for op in views.ops} if views else set()
+    off = [op for op in augment.off_target_ops(cfg.data.augment) if str(op) not in replayed]
+    if not off:
+        return {}
+    if not cfg.kd.clean_targets:
+        raise BadInput(f"data.augment ({', '.join(map(str, off))}) changes the inputs, but a logit cache holds the "
+                       "teacher's outputs of the clean samples",
+                       "train online (teacher_mode=online), or accept clean-sample targets with "
+                       "--set kd.clean_targets=true")
+    return {f"{T}clean_targets": "true"}
 
 
 def resolve_cache(cfg: Config, teacher: Teacher, train: IndexedDataset, digest: str, device: torch.device,

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kdtrack import claims, config, output, tracking
+from kdtrack import claims, config, mlflow_model, output, tracking
 from kdtrack.config import Config
 from kdtrack.errors import BadInput
 from kdtrack.stages import cache_logits, train_student, train_teacher
@@ -30,9 +30,10 @@ class Step:
     reused: bool
 
 
-def run(cfg: Config, students: list[str], *, force: str | None = None) -> str:
+def run(cfg: Config, students: list[str], *, force: str | None = None, register: str | None = None) -> str:
     """Teacher, cache and one student per method in `students` as child runs of a `pipeline` run; reused steps
-    are linked, not rerun. `force` reruns that step ("teacher", "cache" or "students") and all after it."""
+    are linked, not rerun. `force` reruns that step ("teacher", "cache" or "students") and all after it. `register`
+    registers the MLflow model of the first student (of students[0]) under that name."""
     if force is not None and force not in STEPS:
         raise BadInput(f"--force {force!r} is not a step", f"choose one of: {', '.join(STEPS)}")
     forced = set(STEPS[STEPS.index(force):]) if force else set()
@@ -40,7 +41,8 @@ def run(cfg: Config, students: list[str], *, force: str | None = None) -> str:
     if "-dirty" in version:
         print("note: the working tree has uncommitted changes; steps are reused only with these exact changes",
               file=sys.stderr)
-    with tracking.stage_run("pipeline", cfg, run_name=f"pipeline-{cfg.experiment}",
+    params = {**{k: v for k, v in config.flatten(cfg).items() if k != "method"}, "students": ",".join(students)}
+    with tracking.stage_run("pipeline", cfg, run_name=f"pipeline-{cfg.experiment}", params=params,
                             description=f"Teacher, cache and students ({', '.join(students)}) of {cfg.experiment}.") \
             as parent:
         teacher, cache = teacher_and_cache(cfg, version, forced)
@@ -51,8 +53,14 @@ def run(cfg: Config, students: list[str], *, force: str | None = None) -> str:
         read = sorted({c for s in steps[2:] for c in _tag_ids(s.run_id, "cache_run_ids")})
         parent.set_tags({f"{T}steps": json.dumps({s.name: [s.run_id, s.reused] for s in steps}),
                          f"{T}teacher_run_ids": teacher.run_id, f"{T}cache_run_ids": ",".join(read) or cache.run_id})
+        if register:
+            registered = mlflow_model.register(steps[2].run_id, register)
+            parent.set_tags({f"{T}registered_model": f"{register}/{registered}"})
         table = summary(steps)
         parent.client.log_text(parent.run_id, table + "\n", "summary.txt")
+        tracking.set_description(parent.run_id, f"Teacher, cache and students ({', '.join(students)}) of "
+                                 f"{cfg.experiment}:\n\n{step_list(steps)}")
+        save_students_view(cfg.experiment)
         output.result(table)
         return parent.run_id
 
@@ -77,7 +85,7 @@ def cache_step(cfg: Config, teacher_run_id: str, version: str, force: bool) -> S
 
 
 def student_step(name: str, cfg: Config, teachers: list[Step], caches: list[Step], version: str,
-                 force: bool) -> Step:
+                 force: bool, run_name: str | None = None) -> Step:
     """One student of the teacher steps (fused when several) and their cache steps: a cached-KD student reads exactly
     those caches; a baseline (method none) depends on neither, so its step is shared by every teacher."""
     baseline = cfg.method == "none"
@@ -85,7 +93,7 @@ def student_step(name: str, cfg: Config, teachers: list[Step], caches: list[Step
     read = [c.run_id for c in caches] if cfg.method == "kd" and cfg.teacher_mode == "cached" else []
     upstream = [] if baseline else [*teacher_ids, *(c.run_id for c in caches)]
     return run_step(name, cfg, STUDENT_KEYS, upstream, version, force,
-                    lambda: train_student.run(cfg, teacher_ids, cache_run_ids=read),
+                    lambda: train_student.run(cfg, teacher_ids, cache_run_ids=read, name=run_name),
                     resume=lambda rid: train_student.run(_own_config(rid), teacher_ids, resume_run_id=rid,
                                                          cache_run_ids=read))
 
@@ -123,6 +131,25 @@ def run_step(name: str, cfg: Config, keys: tuple[str, ...], upstream: list[str],
 
 
 STAGE_OF_ENTRY = {"teacher": train_teacher.STAGE, "cache": cache_logits.STAGE, "student": train_student.STAGE}
+
+
+def step_list(steps: list[Step]) -> str:
+    """A markdown list linking each step's run, saying which were reused from earlier runs."""
+    return "\n".join(f"- {s.name}: {tracking.run_link(s.run_id)}{' (reused)' if s.reused else ''}" for s in steps)
+
+
+# The demo's first view: the students of an experiment with the columns that tell them apart.
+STUDENTS_VIEW = "kdtrack-students"
+VIEW_PARAMS = ["method", "kd.alpha", "kd.temperature", "seed", "data.train_rows", "data.labelled_rows"]
+VIEW_METRICS = ["test/acc", "test/agreement", "best/val_acc"]
+
+
+def save_students_view(experiment: str) -> None:
+    """Save the students view of `experiment` (opened by `tracking.runs_view_url(experiment, STUDENTS_VIEW)`)."""
+    tracking.save_runs_view(experiment, STUDENTS_VIEW, "kdtrack students",
+                            search_filter=f"tags.`{T}stage` = 'student'", params=VIEW_PARAMS, metrics=VIEW_METRICS,
+                            group_by_param="method")
+    print(f"students table: {tracking.runs_view_url(experiment, STUDENTS_VIEW)}", file=sys.stderr)
 
 
 def _own_config(run_id: str) -> Config:

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import torch
 
-from kdtrack import config, distributed, engine, tracking
+from kdtrack import config, distributed, engine, mlflow_model, tracking
+from kdtrack.cache import ChunkAwareSampler
 from kdtrack.config import Config
 from kdtrack.data import IndexedDataset, dataset_digest, distillation_rows, fit_normalisation, student_dataset
 from kdtrack.errors import BadInput
 from kdtrack.losses.kd import kd_loss
 from kdtrack.models import build_model, spec_from_config
 from kdtrack.stages.distillation import Distillation, build_distillation
-from kdtrack.stages.training import Saver, fetch_checkpoints, progress_enabled, split_loaders
+from kdtrack.stages.training import (SUMMARY_STEP, Saver, fetch_checkpoints, progress_enabled, rows_name,
+                                     split_loaders, student_params)
 from kdtrack.teachers import Teacher, check_fits, load_teacher
 
 STAGE = "student"
@@ -23,9 +25,10 @@ T = tracking.TAG
 
 
 def run(cfg: Config, teacher_run_ids: list[str] = (), *, build_missing_cache: bool = False,
-        resume_run_id: str | None = None, cache_run_ids: list[str] = ()) -> str:
+        resume_run_id: str | None = None, cache_run_ids: list[str] = (), name: str | None = None) -> str:
     """Train `cfg.student.model` by `cfg.method` from the teachers (none: plain CE); return the student run id.
     `cache_run_ids` (one per teacher) pins the caches to read; by default the newest matching ones are found.
+    `name` names a new run (default `run_name(cfg)`; a sweep adds what differs, e.g. the seed).
 
     Under torchrun the student trains with DDP: each rank takes its share of every batch and holds its own
     LogitTable; rank 0 owns the run, logs, checkpoints and tests, and alone returns the run id (others: "")."""
@@ -38,11 +41,12 @@ def run(cfg: Config, teacher_run_ids: list[str] = (), *, build_missing_cache: bo
         print(f"note: method none uses no teacher; ignoring {', '.join(teacher_run_ids)}", file=sys.stderr)
         teacher_run_ids, cache_run_ids = [], []
     with distributed.process_group(device):
-        return _train(cfg, list(teacher_run_ids), device, build_missing_cache, resume_run_id, list(cache_run_ids))
+        return _train(cfg, list(teacher_run_ids), device, build_missing_cache, resume_run_id, list(cache_run_ids),
+                      name or run_name(cfg))
 
 
 def _train(cfg: Config, teacher_run_ids: list[str], device: torch.device, build_missing_cache: bool,
-           resume_run_id: str | None, cache_run_ids: list[str]) -> str:
+           resume_run_id: str | None, cache_run_ids: list[str], name: str) -> str:
     teachers = [load_teacher(t, device, cfg.cache.checkpoint) for t in teacher_run_ids]
     data = student_dataset(cfg.data)
     for teacher in teachers:
@@ -52,12 +56,13 @@ def _train(cfg: Config, teacher_run_ids: list[str], device: torch.device, build_
     norm = teachers[0].normalisation if teachers else fit_normalisation(data.select(["train"]))
     splits = {"train": train, **{s: data.select([s]) for s in ("val", "test") if s in data.split_counts()}}
     splits = {name: ds.with_normalisation(norm) for name, ds in splits.items()}
-    loaders = split_loaders(cfg, splits, device, shard=(distributed.rank(), distributed.world_size()))
     spec = spec_from_config(cfg.student.model, data.num_classes, data.input_shape, prefix="student.model")
     model = build_model(spec).to(device)
     digest = dataset_digest(train)
     distill = build_distillation(cfg, teachers, model, train, digest, device, build_missing_cache=build_missing_cache,
                                  cache_run_ids=cache_run_ids)
+    loaders = split_loaders(cfg, splits, device, shard=(distributed.rank(), distributed.world_size()),
+                            order=_chunk_aware_order(cfg, distill))
     params = [*model.parameters(), *(p for m in distill.modules.values() for p in m.parameters() if p.requires_grad)]
     optimizer = engine.build_optimizer(params, cfg.student.optim, prefix="student.optim")
     scheduler = engine.build_scheduler(optimizer, cfg.student.optim, prefix="student.optim")
@@ -66,8 +71,9 @@ def _train(cfg: Config, teacher_run_ids: list[str], device: torch.device, build_
     lead = distributed.rank() == 0
     expect = {f"{T}dataset_digest": digest, f"{T}teacher_run_ids": ",".join(teacher_run_ids),
               **{k: v for k, v in distill.tags.items() if k == f"{T}cache_run_ids"}}
-    tracked_run = (tracking.stage_run(STAGE, cfg, run_name=run_name(cfg), resume_run_id=resume_run_id,
-                                      description=_describe(cfg, spec.name, teachers, train), expect=expect)
+    tracked_run = (tracking.stage_run(STAGE, cfg, run_name=name, resume_run_id=resume_run_id,
+                                      description=_describe(cfg, spec.name, teachers, train, distill), expect=expect,
+                                      params=student_params(cfg, teachers, train))
                    if lead else contextlib.nullcontext())
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         # checked before the run is written to (the other ranks, which write nothing, fetch in saver.resume)
@@ -81,7 +87,8 @@ def _train(cfg: Config, teacher_run_ids: list[str], device: torch.device, build_
         start_epoch = saver.resume(resume_run_id, fetched) if resume_run_id else 0  # every rank restores the same state
         for module in distill.modules.values():
             distributed.average_gradients(module)
-        engine.fit(distributed.wrap(model, device), loaders["train"], optimizer, loss_fn=distill.loss,
+        engine.fit(distributed.wrap(model, device), loaders["train"], optimizer,
+                   loss_fn=distill.training_loss,
                    epochs=cfg.student.optim.epochs, device=device, scheduler=scheduler, start_epoch=start_epoch,
                    val_loader=loaders.get("val") if lead else None, eval_model=model, scaler=scaler, amp_dtype=amp,
                    seed=cfg.seed, on_epoch_end=saver.on_epoch_end if lead else None,
@@ -90,11 +97,29 @@ def _train(cfg: Config, teacher_run_ids: list[str], device: torch.device, build_
             return ""
         saver.load_best(device)
         final = {**saver.best_metrics(), **_test_report(model, teachers, loaders.get("test"), device, amp)}
-        tracked.log_metrics(final, step=max(cfg.student.optim.epochs - 1, 0))
+        tracked.log_metrics(final, step=SUMMARY_STEP)
+        mlflow_model.log(tracked.run_id, saver.workdir / "best.pt", example=train.arrays(range(min(2, len(train)))))
         accuracy = final.get("test/acc", float("nan"))
-        print(f"student run {tracked.run_id} ({run_name(cfg)}): test accuracy {accuracy:.4f}",
+        print(f"student run {tracked.run_id} ({tracking.get_run(tracked.run_id).info.run_name}): "
+              f"test accuracy {accuracy:.4f}",
               file=sys.stderr)
         return tracked.run_id
+
+
+def _chunk_aware_order(cfg: Config, distill: Distillation) -> ChunkAwareSampler | None:
+    """For a cache over the memory budget (read by whole chunks): an epoch order that visits its chunks a window at
+    a time, said once on stderr; None (the uniform shuffle) when every cache fits."""
+    table = distill.chunked
+    if table is None:
+        return None
+    order = ChunkAwareSampler(table, cfg.seed, rank=distributed.rank(), world=distributed.world_size())
+    if distributed.rank() == 0:
+        print(f"note: the cache {table.path} ({table.nbytes / 2**20:.2f} MiB) exceeds the memory budget "
+              f"({table.memory_budget_bytes / 2**20:.2f} MiB, cache.memory_budget_mb): it is read by whole chunks and "
+              f"the rows are shuffled chunk-aware ({order.window_chunks} of {table.num_chunks} chunks at a time)",
+              file=sys.stderr)
+    distill.tags[f"{T}row_order"] = "chunk-aware"
+    return order
 
 
 def _log_inputs(tracked: tracking.StageRun, cfg: Config, teacher_run_ids: list[str], digest: str, model_name: str,
@@ -105,11 +130,12 @@ def _log_inputs(tracked: tracking.StageRun, cfg: Config, teacher_run_ids: list[s
                       f"{T}model": model_name, f"{T}processes": str(distributed.world_size()), **distill.tags})
     if resumed:
         return
-    tracked.log_dataset(name=train.source, digest=digest, context="train",
+    tracked.log_dataset(name=rows_name(train, cfg.data.student_labels), digest=digest, context="train",
                         source={"source": train.source, "splits": ",".join(train.split_counts())})
-    for cache in distill.caches:
-        tracked.log_dataset(name=f"logits-{cache.teacher_run_id[:8]}", digest=cache.cache_key,
-                            context="teacher_logits", source={"cache_run_id": cache.run_id})
+    for cache in distill.caches:  # named as its run, `cache-<teacher run name>`; identified by its cache key
+        tracked.log_dataset(name=tracking.get_run(cache.run_id).info.run_name, digest=cache.cache_key,
+                            context="teacher_logits", digest_tag="cache_key",
+                            source={"cache_run_id": cache.run_id, "teacher_run_id": cache.teacher_run_id})
 
 
 def run_name(cfg: Config) -> str:
@@ -121,10 +147,19 @@ def run_name(cfg: Config) -> str:
     return f"student-{cfg.method}{temperature}-a{cfg.kd.alpha:g}{online}"
 
 
-def _describe(cfg: Config, model_name: str, teachers: list[Teacher], train: IndexedDataset) -> str:
-    source = ", ".join(t.run_name for t in teachers) or "labels only"
-    return (f"Student {model_name} by {cfg.method} ({cfg.teacher_mode} teacher logits) from {source}; "
-            f"{len(train)} training rows ({', '.join(f'{k}={v}' for k, v in train.split_counts().items())}).")
+def _describe(cfg: Config, model_name: str, teachers: list[Teacher], train: IndexedDataset,
+              distill: Distillation) -> str:
+    """Markdown: what the student learnt from, with links to its teacher and cache runs, and its rows."""
+    rows = f"{len(train)} training rows ({', '.join(f'{k}={v}' for k, v in train.split_counts().items())})"
+    if cfg.method == "none":
+        return f"Student {model_name} without distillation, from labels only; {rows}."
+    of = f"teacher{'s' if len(teachers) > 1 else ''} {', '.join(tracking.run_link(t.run_id) for t in teachers)}"
+    if distill.caches:
+        caches = ", ".join(tracking.run_link(c.run_id) for c in distill.caches)
+        source = f"the cached logits of {of} (cache{'s' if len(distill.caches) > 1 else ''} {caches})"
+    else:
+        source = f"the {'live logits' if cfg.method == 'kd' else 'features'} of {of}"
+    return f"Student {model_name} by {cfg.method} from {source}; {rows}."
 
 
 def _test_report(model: torch.nn.Module, teachers: list[Teacher], test_loader, device: torch.device,

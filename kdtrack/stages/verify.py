@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from kdtrack import cache, config, engine, tracking
+from kdtrack import augment, cache, config, engine, tracking
 from kdtrack.data import dataset_digest
 from kdtrack.errors import BadInput, CacheError, TrackingError
-from kdtrack.stages.cache_logits import ARTIFACT, STAGE, STORE_TAGS, cache_claim, cache_rows, upload_store
+from kdtrack.stages.cache_logits import (ARTIFACT, STAGE, STORE_TAGS, cache_claim, cache_rows, upload_attributes,
+                                         upload_store)
 from kdtrack.teachers import load_teacher
 
 T = tracking.TAG
@@ -65,12 +66,13 @@ def _verify(run_id: str, tags: dict[str, str], path: Path, store: zarr.Group, *,
     device = engine.resolve_device(cfg.device)
     teacher = load_teacher(store.attrs["teacher_run_id"], device, tags.get(f"{T}checkpoint", "best"))
     rows = cache_rows(cfg, teacher)
-    digest = dataset_digest(rows)  # the rows as they are on disk now, whichever of them are recomputed below
+    digest = dataset_digest(rows, recompute=True)  # every file re-read: the rows as they are on disk now
     amp = engine.amp_dtype(cfg.train.amp, device)
     check_rows = np.random.default_rng(seed).permutation(len(rows))[:recompute]
+    model = augment.with_views(teacher.model, augment.Views.from_attrs(store.attrs.get("views")))  # views replayed
 
     def check() -> cache.VerifyReport:
-        report = cache.verify_store(store, rows.sample_ids, teacher.model, rows, fidelity_rows=check_rows,
+        report = cache.verify_store(store, rows.sample_ids, model, rows, fidelity_rows=check_rows,
                                     device=device, amp_dtype=amp, expected_checkpoint=teacher.checkpoint_sha256,
                                     data_digest=digest)
         report.provenance += _tag_mismatches(tags, store)
@@ -82,7 +84,7 @@ def _verify(run_id: str, tags: dict[str, str], path: Path, store: zarr.Group, *,
         refusal = "; ".join(report.failures())  # e.g. other data: rebuilt chunks would hold its logits, old digest
     elif repair and not report.passed:
         repaired = report.chunks_to_rebuild()
-        cache.build(path, teacher.model, rows, attrs=dict(store.attrs), device=device,
+        cache.build(path, model, rows, attrs=dict(store.attrs), device=device,
                     batch_size=cfg.cache.batch_size, amp_dtype=amp, dtype=store.attrs["dtype"],
                     chunk_rows=store.attrs["chunk_rows"], resume=True, chunks=repaired, force_chunks=True)
         store = cache.open_store(path, mode="r+")
@@ -112,13 +114,20 @@ def _unusable(run_id: str, problem: str, repair: bool) -> Verdict:
 
 
 def _record(run_id: str, store: zarr.Group, report: cache.VerifyReport, path: Path, repaired: list[int]) -> None:
-    """Log the figures on the cache run and keep `complete` true only for a store that passed."""
+    """Log the figures on the cache run and keep `complete` true only for a store that passed, in the run's tags and in
+    the store, also on a remote artifact store (where `path` is a downloaded copy).
+
+    A failure reaches the run's tags first and a pass last, so an interrupted record never claims more than is true."""
     tracked = tracking.StageRun.of(run_id)
-    if report.passed:
-        cache.mark_complete(store, report.fidelity_dict())
-    else:
+    verdict = {f"{T}complete": str(report.passed).lower(), f"{T}verified": "pass" if report.passed else "fail"}
+    if not report.passed:
+        tracked.set_tags(verdict)
         cache.mark_incomplete(store)
+    else:
+        cache.mark_complete(store, report.fidelity_dict())
     if repaired and tracking.local_artifact_dir(run_id) is None:
-        upload_store(tracked, path)
+        upload_store(tracked, path)  # the rebuilt chunks, and the attributes with them
+    else:
+        upload_attributes(tracked, path)
     tracked.log_metrics({**report.metrics(), "verify/passed": float(report.passed)}, step=0)
-    tracked.set_tags({f"{T}complete": str(report.passed).lower(), f"{T}verified": "pass" if report.passed else "fail"})
+    tracked.set_tags(verdict)
