@@ -130,18 +130,20 @@ def group_runs(runs: Sequence[RunHistory], named: Sequence[str] = ()) -> list[Ru
 
 def _labels(members: list[list[RunHistory]], named: set[str]) -> list[str]:
     """`kd, kd.alpha=0.5, kd.temperature=4`: the method or stage, then the params whose values differ between the
-    groups of that stage (and the teachers, when those differ); a run without params goes by its name."""
+    groups of that method or stage (and the teachers, when those differ); a run without params goes by its name.
+    Params that differ because the method differs (a KD student's kd.*, a baseline's label smoothing) are left
+    out: the method says them."""
     firsts = [runs[0] for runs in members]
-    varying: dict[str, list[str]] = {}
-    for stage in {run.stage for run in firsts}:
-        peers = [run for run in firsts if run.stage == stage]
+    varying: dict[tuple[str, str], list[str]] = {}
+    for kind in {(run.stage, run.group()) for run in firsts}:
+        peers = [run for run in firsts if (run.stage, run.group()) == kind]
         keys = sorted({k for run in peers for k in run.params} - {SEED_PARAM, *_SHOWN_ELSEWHERE})
-        varying[stage] = [k for k in keys if len({run.params.get(k) for run in peers}) > 1]
+        varying[kind] = [k for k in keys if len({run.params.get(k) for run in peers}) > 1]
     teachers_vary = len({run.tags.get(TEACHERS_TAG, "") for run in firsts if run.stage == "student"}) > 1
     labels = []
     for run, runs in zip(firsts, members):
         parts = [run.group()] if run.params else [run.name or run.run_id[:8]]
-        parts += [f"{k}={run.params[k]}" for k in varying[run.stage] if k in run.params]
+        parts += [f"{k}={run.params[k]}" for k in varying[run.stage, run.group()] if k in run.params]
         if teachers_vary and run.tags.get(TEACHERS_TAG):
             parts.append("teacher " + "+".join(t[:6] for t in run.tags[TEACHERS_TAG].split(",")))
         if ids := [r.run_id[:6] for r in runs if r.run_id in named]:
