@@ -128,21 +128,12 @@ def _fmix(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def _fmix_int(h: int) -> int:
-    """`_fmix` of one Python int in [0, 2^32)."""
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _MASK32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _MASK32
-    return h ^ (h >> 16)
-
-
 def hashed(seed: int, tag: int | torch.Tensor, rows: torch.Tensor, stream: int, count: int = 1) -> torch.Tensor:
     """(B, count) uint32 values (held in int64) that depend only on (seed, tag, row, stream, column). `tag` is one
     int for the batch (an epoch) or one per row (a view number each)."""
     key = 0x9E3779B9
     for word in (seed & _MASK32, (seed >> 32) & _MASK32, stream & _MASK32):
-        key = _fmix_int(key ^ _fmix_int(word ^ 0x632BE59B))
+        key = int(_fmix(torch.tensor(key ^ int(_fmix(torch.tensor(word ^ 0x632BE59B))))))
     rows = rows.to(torch.int64).reshape(-1, 1)
     tags = torch.as_tensor(tag, dtype=torch.int64, device=rows.device).reshape(-1, 1)
     h = _fmix((rows & _MASK32) ^ key)
@@ -181,14 +172,6 @@ class Augmenter:
     def __init__(self, ops: Sequence[Op], seed: int) -> None:
         self.ops = tuple(ops)
         self.seed = int(seed)
-
-    def __bool__(self) -> bool:
-        return bool(self.ops)
-
-    @property
-    def mixes(self) -> bool:
-        """True when a batch op mixes samples, so targets must be mixed the same way."""
-        return any(op.name == "mixup" for op in self.ops)
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor, tag: int | torch.Tensor) -> tuple[torch.Tensor, Mix | None]:
         rows = rows.to(x.device)
@@ -326,11 +309,11 @@ def _freq_mixstyle(x: torch.Tensor, draw: _Draw, alpha: float, p: float, seed: i
 
 
 def mix_targets(probs: torch.Tensor, mix: Mix | None) -> torch.Tensor:
-    """Targets (B, C) mixed as the inputs were: λ·p_i + (1-λ)·p_partner."""
+    """Targets (B, ...) mixed as the inputs were: λ·p_i + (1-λ)·p_partner, on the targets' device."""
     if mix is None:
         return probs
-    lam = mix.lam.to(probs.dtype).view(-1, *[1] * (probs.dim() - 1))
-    return lam * probs + (1 - lam) * probs[mix.partner]
+    lam = mix.lam.to(probs.device, probs.dtype).view(-1, *[1] * (probs.dim() - 1))
+    return lam * probs + (1 - lam) * probs[mix.partner.to(probs.device)]
 
 
 class Augmented:

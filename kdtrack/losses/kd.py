@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdtrack.augment import mix_targets
 from kdtrack.engine import batch_mix, masked_cross_entropy
 from kdtrack.errors import BadInput, ConfigError
 
@@ -230,12 +231,9 @@ def mixed_teacher_outputs(teacher: torch.Tensor, mix: Any, config: KDLossConfig)
     """Teacher outputs for mixed inputs from those of the samples: the probabilities at temperature T mixed with the
     inputs' λ and partner, given back as logits T·log p (whose softmax at T is exactly that mix); signal outputs
     (regression) mixed linearly."""
-    lam = mix.lam.to(teacher.device, torch.float32).view(-1, *[1] * (teacher.dim() - 1))
-    partner = mix.partner.to(teacher.device)
     if config.regression != "none":
-        return lam * teacher.float() + (1 - lam) * teacher.float()[partner]
-    probs = torch.softmax(teacher.float() / config.temperature, dim=1)
-    mixed = lam * probs + (1 - lam) * probs[partner]
+        return mix_targets(teacher.float(), mix)
+    mixed = mix_targets(torch.softmax(teacher.float() / config.temperature, dim=1), mix)
     return config.temperature * torch.log(mixed.clamp_min(torch.finfo(torch.float32).tiny))
 
 
