@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+EXTRAS_VENV ?= .venv-extras
+EXTRAS_PY := $(EXTRAS_VENV)/bin/python
+EXTRAS_INSTALLED := $(EXTRAS_VENV)/.installed
 
-.PHONY: demo test test-fast bench mutate mutate-report install clean server server-stop
+.PHONY: demo test test-fast test-extras bench mutate mutate-report install clean server server-stop
 
 install: $(INSTALLED)
 
@@ -32,6 +35,20 @@ test: $(INSTALLED)
 test-fast: $(INSTALLED)
 	$(PY) -m pytest -q -m "not slow"
 
+# The tests marked extras (torchvision and timm models as teachers), in their own venv: .venv's CPU torch has no
+# torchvision on PyPI to match it (constraints-extras.txt). The GPU is hidden: these tests are CPU tests too.
+test-extras: $(EXTRAS_INSTALLED)
+	CUDA_VISIBLE_DEVICES= $(EXTRAS_PY) -m pytest -q -m extras
+
+# Constraints: constraints.txt less the packages that constraints-extras.txt pins, then those pins.
+$(EXTRAS_INSTALLED): setup.cfg pyproject.toml constraints.txt constraints-extras.txt
+	test -x $(EXTRAS_PY) || $(PYTHON) -m venv $(EXTRAS_VENV)
+	sed -n 's/^\([^#=]*\)==.*/^\1==/p' constraints-extras.txt | grep -vif - constraints.txt \
+		| cat - constraints-extras.txt > $(EXTRAS_VENV)/constraints.txt
+	$(EXTRAS_PY) -m pip install --quiet -c $(EXTRAS_VENV)/constraints.txt torch torchvision timm
+	$(EXTRAS_PY) -m pip install --quiet -c $(EXTRAS_VENV)/constraints.txt -e '.[test]'
+	touch $@
+
 # Mutation testing of the modules that carry the promises (setup.cfg [mutmut]); long (hours on 2 cores), not part of
 # CI, resumable: it starts from the results saved in tests/mutation-state.json.gz (mutmut keeps those of unchanged
 # functions), saves them again when done, and writes the survivors, with the verdicts of
@@ -58,4 +75,4 @@ server-stop:
 	scripts/server.sh stop
 
 clean:
-	rm -rf $(VENV) mlflow.db mlruns mutants
+	rm -rf $(VENV) $(EXTRAS_VENV) mlflow.db mlruns mutants

@@ -628,7 +628,7 @@ def test_out_of_memory_in_every_batch_gives_up_after_batch_one(tmp_path: Path,
         build_tiny(tmp_path / "o.zarr", model=model, batch_size=4)
     assert model.sizes == [1, 4, 2, 1]
     err = capsys.readouterr().err
-    assert "retrying rows 0..31 with batch size 2" in err and "retrying rows 0..31 with batch size 1" in err
+    assert "retrying rows 0..3 with batch size 2" in err and "retrying rows 0..3 with batch size 1" in err
 
 
 def test_the_writer_thread_is_named(tmp_path: Path) -> None:

@@ -335,6 +335,37 @@ def test_chunked_mode_matches_in_memory_and_keeps_lru_in_budget(store16):
     assert clone.resident_nbytes == 0 and torch.equal(clone[[7, 900]], memory[[7, 900]])
 
 
+def test_chunked_lookups_evict_the_least_recently_used_chunk_the_batch_does_not_need(store16):
+    """Batches within the budget: a missing chunk replaces the least recently used chunk that the batch itself
+    does not need; values stay the stored ones. Chunk c holds rows 64c..64c+63."""
+    path, logits = store16
+    table = LogitTable.open(path, memory_budget_bytes=budget_for_chunks(2))
+
+    def lookup(rows: list[int], loads: int) -> None:
+        assert torch.equal(table[torch.tensor(rows)], torch.from_numpy(logits[rows].astype(np.float32)))
+        assert table.chunk_loads == loads
+
+    lookup([3], 1)  # chunk 0
+    lookup([70], 2)  # chunk 1; chunk 0 is now the least recently used
+    lookup([5, 130], 3)  # chunks 0 and 2: 0 stays (this batch needs it), 1 makes room for 2
+    lookup([140], 3)  # chunk 2 is resident
+    lookup([64], 4)  # chunk 1 again, in place of chunk 0 (last used before chunk 2)
+    lookup([150], 4)  # so chunk 2 is still resident
+    lookup([0], 5)  # chunk 0, in place of chunk 1
+    lookup([64], 6)  # chunk 1, in place of chunk 2 (used before chunk 0 this time)
+    lookup([1], 6)  # so chunk 0 is still resident
+    lookup([999, 1], 7)  # the last chunk (15, 40 rows) in place of chunk 1, beside chunk 0
+    assert table[torch.tensor([], dtype=torch.int64)].shape == (0, C)
+
+
+def test_chunked_lookups_fill_free_slots_without_forgetting_the_last_chunk(store16):
+    path, logits = store16
+    table = LogitTable.open(path, memory_budget_bytes=budget_for_chunks(3))
+    for rows, loads in (([999], 1), ([0], 2), ([998, 1], 2), ([64], 3), ([997], 3)):
+        assert torch.equal(table[rows], torch.from_numpy(logits[rows].astype(np.float32)))
+        assert table.chunk_loads == loads
+
+
 def test_budget_below_one_chunk_is_refused(store16):
     path, _ = store16
     with pytest.raises(CacheError, match="raise memory_budget_bytes to at least 896"):
@@ -452,3 +483,12 @@ def test_signal_shaped_outputs(tmp_path):
         assert table.output_shape == (30, 3) and table.num_classes is None
         got = table[torch.from_numpy(rows)]
         assert got.shape == (40, 30, 3) and torch.equal(got, torch.from_numpy(logits[rows]))
+
+
+def test_the_float16_nan_check_agrees_with_numpy_on_every_bit_pattern():
+    """The chunk check reads float16 bits (np.isnan is slow on float16): it must say what np.isnan says, for each
+    of the 65,536 patterns alone (NaNs of either sign and any payload; infinities are not NaN)."""
+    values = np.arange(2**16, dtype=np.uint16).view(np.float16).reshape(-1, 1)
+    said = [reader._has_nan(v) for v in values]
+    assert said == np.isnan(values[:, 0]).tolist() and sum(said) == 2 * (2**10 - 1)
+    assert reader._has_nan(values[:5].astype(np.float32)) is False and reader._has_nan(np.float32([1, np.nan]))

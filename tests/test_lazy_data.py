@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from kdtrack.config import DataConfig
 from kdtrack.data import (build_dataset, dataset_digest, distillation_rows, fit_normalisation, load_manifest,
@@ -109,6 +110,19 @@ def test_lazy_and_eager_give_the_same_rows_and_the_pinned_digest(tmp_path: Path,
     assert dataset_digest(lazy.take(np.array([3, 1]))) == dataset_digest(eager.take(np.array([3, 1])))
 
 
+def test_data_in_memory_reads_every_file_at_start_and_gives_the_same_dataset(tmp_path: Path,
+                                                                            reads: list[str]) -> None:
+    path = write_fixture(tmp_path)
+    lazy = build_dataset(DataConfig(source="manifest", manifest=str(path)))
+    reads.clear()
+    eager = build_dataset(DataConfig(source="manifest", manifest=str(path), in_memory=True))
+    assert lazy.lazy and not eager.lazy and sorted(reads) == ["0.npy", "1.npy", "2.npy", "3.npy"]
+    reads.clear()
+    expected = np.stack([np.asarray(a, dtype=np.float32) for a in ARRAYS.values()])
+    np.testing.assert_array_equal(eager.batch([3, 0])[0].numpy(), expected[[3, 0]])
+    assert reads == [] and dataset_digest(eager) == dataset_digest(lazy) == PINNED_DIGEST
+
+
 def test_selection_and_normalisation_of_a_lazy_dataset_match_eager(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     arrays = [rng.normal(50.0, 7.0, size=(3, 5)) for _ in range(9)]
@@ -146,6 +160,48 @@ def test_loader_with_workers_yields_the_eager_batches(tmp_path: Path) -> None:
         for got, want in zip(slow, fast, strict=True):
             for a, b in zip(got, want):
                 assert torch.equal(a, b)
+
+
+@pytest.mark.slow  # starts two DataLoader worker processes
+def test_a_cache_of_lazy_data_is_read_by_workers_and_equals_the_eager_build(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """cache.build reads a lazy dataset's files in DataLoader workers (every file, none in this process after the
+    one-row probe), and the store holds what the eager dataset's build holds: the model's outputs on each row."""
+    from cache_build_child import tiny_attrs
+
+    from kdtrack.cache import build
+
+    rng = np.random.default_rng(5)
+    arrays = [rng.normal(size=(2, 4)).astype(np.float32) for _ in range(45)]
+    path = write_arrays(tmp_path, arrays)
+    norm = fit_normalisation(load_manifest(path, lazy=False))
+    lazy, eager = (load_manifest(path, lazy=lazy).with_normalisation(norm) for lazy in (True, False))
+    log, inner = tmp_path / "reads.log", readers.READERS[".npy"]
+
+    def logged(file: str, where: str) -> np.ndarray:
+        with open(log, "a") as out:  # one line per read, from whichever process reads
+            out.write(f"{os.getpid()} {os.path.basename(file)}\n")
+        return inner(file, where)
+
+    monkeypatch.setitem(readers.READERS, ".npy", logged)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 3))
+    for ds, name, workers in ((lazy, "lazy.zarr", 2), (eager, "eager.zarr", 0)):
+        attrs = tiny_attrs(ds, (3,))  # the digest reads (or looks up) every file
+        log.write_text("")
+        build(tmp_path / name, model, ds, attrs=attrs, device=torch.device("cpu"), batch_size=4, chunk_rows=16,
+              progress=False, num_workers=workers)
+        if ds is lazy:
+            reads = [line.split() for line in log.read_text().splitlines()]
+            here = [f for pid, f in reads if int(pid) == os.getpid()]
+            assert here == ["0.npy"]  # the output-shape probe
+            assert sorted(f for pid, f in reads if int(pid) != os.getpid()) == sorted(f"{i}.npy" for i in range(45))
+    got = [np.asarray(zarr.open_group(tmp_path / name, mode="r")["logits"][:]) for name in ("lazy.zarr", "eager.zarr")]
+    assert got[0].tobytes() == got[1].tobytes()
+    with torch.no_grad():
+        x = (np.stack(arrays).reshape(45, 8) - norm.mean) / norm.std
+        by_hand = x @ model[1].weight.numpy().T + model[1].bias.numpy()
+    np.testing.assert_allclose(got[0], by_hand, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- the content-hash sidecar
@@ -416,12 +472,15 @@ def test_data_loading_benchmark_reports_rows_per_second(tmp_path: Path) -> None:
     settings = make_settings("quick", device="cpu", threads=1, workdir=tmp_path, repeats=2, data_files=60,
                              input_shape=(1, 4, 4), train_batch=16)
     r = data_loading.run(settings)
-    assert set(r.raw) == {"startup_eager", "startup_lazy", "epoch_eager", "epoch_lazy_0", "epoch_lazy_2"}
+    assert set(r.raw) == {"startup_eager", "startup_lazy", "epoch_eager", "epoch_lazy_0", "epoch_lazy_2",
+                          "cache_eager", "cache_lazy_0", "cache_lazy_2"}
     assert all(len(v) == 2 and min(v) > 0 for v in r.raw.values())
     by_name = {f.name: f for f in r.figures}
     median = {k: float(np.median(v)) for k, v in r.raw.items()}
     assert by_name["rows/s, lazy with 2 workers"].value == pytest.approx(60 / median["epoch_lazy_2"], rel=1e-12)
     assert by_name["rows/s, eager"].value == pytest.approx(60 / median["epoch_eager"], rel=1e-12)
+    assert by_name["cache build rows/s, lazy with 2 workers"].value == pytest.approx(60 / median["cache_lazy_2"],
+                                                                                    rel=1e-12)
     assert by_name["lazy / eager start-up (warm sidecar)"].value == pytest.approx(
         median["startup_lazy"] / median["startup_eager"], rel=1e-12)
     assert r.params["files"] == 60 and not (tmp_path / "data_loading").exists()

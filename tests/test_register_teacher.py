@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import subprocess
 import sys
 import textwrap
@@ -285,16 +286,41 @@ def test_per_channel_normalisation_standardises_each_channel() -> None:
     assert Normalisation.from_dict(norm.to_dict()) == norm
 
 
-def _torchvision_problem() -> str | None:
+def _import_problem(package: str) -> str | None:
+    """Why `package` cannot be imported here, with where its tests run instead; None when it imports."""
     try:
-        import torchvision  # noqa: F401
+        importlib.import_module(package)
     except Exception as exc:  # not installed, or a wheel built for another torch (CUDA vs CPU) that fails to load
-        return f"torchvision cannot be imported here: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        first_line = (str(exc).splitlines() or [""])[0]
+        return (f"{package} cannot be imported here ({type(exc).__name__}: {first_line}); "
+                "`make test-extras` runs this test in .venv-extras")
     return None
 
 
+TORCHVISION_PROBLEM = _import_problem("torchvision")
+TIMM_PROBLEM = _import_problem("timm")
+
+
+def _cache_is_the_models_own_output(data: list[str], teacher_id: str, model: torch.nn.Module, mean: list[float],
+                                   std: list[float]) -> str:
+    """Cache the teacher over `data`: the logits must be `model`'s own outputs on the rows normalised here, channel
+    by channel. Returns the cache run id."""
+    code, out, err = cli("cache-logits", *set_args(*data), "--teacher-run-id", teacher_id)
+    assert code == 0, err
+    cache_id = out.strip()
+    logits = np.asarray(zarr.open_group(tracking.artifact_path(cache_id, cache_logits.ARTIFACT), mode="r")["logits"][:])
+    rows = cache_logits.cache_rows(config.load(None, data), load_teacher(teacher_id, torch.device("cpu")))
+    x = torch.from_numpy(rows.features)
+    with torch.no_grad():
+        expected = model((x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)).numpy()
+    assert expected.std(axis=0).min() > 1e-2  # logits that differ between rows: a wrong input would show
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    return cache_id
+
+
+@pytest.mark.extras
 @pytest.mark.slow  # a ResNet-18 cached, verified and distilled
-@pytest.mark.skipif(_torchvision_problem() is not None, reason=str(_torchvision_problem()))
+@pytest.mark.skipif(TORCHVISION_PROBLEM is not None, reason=str(TORCHVISION_PROBLEM))
 def test_a_torchvision_resnet18_saved_by_plain_pytorch_is_a_teacher(store: str, tmp_path: Path) -> None:
     import torchvision
 
@@ -309,20 +335,37 @@ def test_a_torchvision_resnet18_saved_by_plain_pytorch_is_a_teacher(store: str, 
                          *set_args("experiment=registered-tv"))
     assert code == 0, err
     teacher_id = out.strip()
-    code, out, err = cli("cache-logits", *set_args(*data), "--teacher-run-id", teacher_id)
-    assert code == 0, err
-    cache_id = out.strip()
-    logits = np.asarray(zarr.open_group(tracking.artifact_path(cache_id, cache_logits.ARTIFACT), mode="r")["logits"][:])
-    rows = cache_logits.cache_rows(config.load(None, data), load_teacher(teacher_id, torch.device("cpu")))
-    x = torch.from_numpy(rows.features)
-    mean, std = torch.tensor([0.1, 0.2, 0.3]).view(3, 1, 1), torch.tensor([1.0, 2.0, 4.0]).view(3, 1, 1)
-    with torch.no_grad():
-        expected = model((x - mean) / std).numpy()
-    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    cache_id = _cache_is_the_models_own_output(data, teacher_id, model, [0.1, 0.2, 0.3], [1.0, 2.0, 4.0])
+
     assert cli("verify-cache", "--run-id", cache_id, "--recompute", "16")[0] == 0
     code, out, err = cli("train-student", *set_args(*data), "--teacher-run-id", teacher_id)
     assert code == 0, err
     assert tracking.get_run(out.strip()).data.tags[f"{T}cache_run_ids"] == cache_id
+
+
+@pytest.mark.extras
+@pytest.mark.slow  # a cache and its verification
+@pytest.mark.skipif(TIMM_PROBLEM is not None, reason=str(TIMM_PROBLEM))
+def test_a_timm_vit_saved_compiled_is_a_teacher_built_with_its_kwargs(store: str, tmp_path: Path) -> None:
+    """A tiny timm ViT for 16x16 inputs (4x4 patches: `--model-kwargs` reach timm.create_model when the teacher is
+    registered and again when it is loaded), saved as torch.compile names its weights, under `state_dict`."""
+    import timm
+
+    torch.manual_seed(4)
+    kwargs = {"img_size": 16, "patch_size": 4}
+    model = timm.create_model("test_vit", pretrained=False, num_classes=10, **kwargs).eval()
+    file = tmp_path / "vit.pth"
+    torch.save({"state_dict": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}, file)
+    data = ["data.source=synthetic", "data.input_shape=[3,16,16]", "data.num_samples=64", "experiment=registered-timm"]
+    code, out, err = cli("register-teacher", str(file), "--model", "timm:test_vit", "--num-classes", "10",
+                         "--model-kwargs", json.dumps(kwargs), "--input-shape", "3,16,16",
+                         "--normalisation", "0.5,-0.5,0/0.5,1,2", *set_args("experiment=registered-timm"))
+    assert code == 0, err
+    teacher_id = out.strip()
+    assert tracking.get_run(teacher_id).data.tags[f"{T}model_code_version"] == f"timm {timm.__version__}"
+    cache_id = _cache_is_the_models_own_output(data, teacher_id, model, [0.5, -0.5, 0.0], [0.5, 1.0, 2.0])
+    code, out, err = cli("verify-cache", "--run-id", cache_id, "--recompute", "16")
+    assert code == 0, err
 
 
 def test_a_registered_teacher_is_fetched_and_refused_on_data_of_another_shape(store: str, experts: dict,

@@ -9,7 +9,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +25,7 @@ from kdtrack.cache.format import (chunk_bounds, chunk_rows_for, create_store, do
                                   open_store, remove_store)
 from kdtrack.cache.ids import encode_ids
 from kdtrack.data import IndexedDataset
+from kdtrack.data.loaders import block_loader
 from kdtrack.errors import BadInput, CacheError
 from kdtrack.progress import Progress
 
@@ -92,12 +93,14 @@ def build(
     force_chunks: bool = False,
     prior: PriorRows | None = None,
     progress: bool | None = None,
+    num_workers: int = 0,
 ) -> BuildStats:
     """Cache `model`'s outputs for every row of `dataset` (row order) into the store at `path`; return stats.
 
     Only chunks in `chunks` (default all) that are not done are computed; `force_chunks` recomputes done ones
     (repair). Several writers share a store by owning disjoint `chunks` with resume=True, after one call with
-    `chunks=[]` has created it.
+    `chunks=[]` has created it. A lazy (file-backed) dataset's batches are read ahead by `num_workers` DataLoader
+    workers while the teacher runs.
     """
     if batch_size < 1:
         raise BadInput(f"need batch_size >= 1, got {batch_size}", "e.g. --set cache.batch_size=1024")
@@ -116,7 +119,8 @@ def build(
         group.update_attributes({"complete": False})  # contents change: completeness needs a new verification
     _remove_dead_writes(Path(path), todo)
     source = _PriorSource(prior, group, dataset) if prior is not None else None
-    runner = _ChunkRunner(model, dataset, device, amp_dtype, _TORCH_DTYPES[dtype], output_shape, batch_size)
+    runner = _ChunkRunner(model, dataset, device, amp_dtype, _TORCH_DTYPES[dtype], output_shape, batch_size,
+                          num_workers if dataset.lazy else 0)
     rewrite = dataset if force_chunks else None  # a repaired chunk may have lost its ids or labels too
     total, copied = _fill_chunks(group, todo, runner, source, rewrite, f"cache {Path(path).name}", progress)
     seconds = time.perf_counter() - start_time
@@ -139,10 +143,11 @@ def _fill_chunks(group: zarr.Group, todo: list[int], runner: _ChunkRunner, sourc
                  rewrite: IndexedDataset | None, desc: str, progress: bool | None) -> tuple[int, int]:
     """Copy or compute each chunk of `todo` and hand it to the writer thread; return (rows, rows copied)."""
     bounds = [chunk_bounds(group, None, c) for c in todo]
+    splits = [start if source is None else min(max(source.rows, start), stop) for start, stop in bounds]
     total, copied = sum(stop - start for start, stop in bounds), 0
+    runner.read_ahead([(split, stop) for split, (_, stop) in zip(splits, bounds)])
     with _ChunkWriter(group, rewrite) as writer, Progress(total, desc, unit="rows", enabled=progress) as bar:
-        for c, (start, stop) in zip(todo, bounds):
-            split = start if source is None else min(max(source.rows, start), stop)  # rows < split are copied
+        for c, (start, stop), split in zip(todo, bounds, splits):  # rows < split are copied
             block = runner.empty(stop - start)  # (rows, *output_shape) in the storage dtype, pinned on CUDA
             if split > start:
                 block[: split - start] = torch.from_numpy(source.read(start, split))
@@ -230,53 +235,63 @@ class _PriorSource:
 
 
 class _ChunkRunner:
-    """Teacher forward over row ranges in fixed batches, halving the batch on out-of-memory."""
+    """Teacher forward over row ranges, their inputs read in blocks of `batch_size` rows (ahead, by DataLoader
+    workers, when `num_workers` > 0); forwards take `batch_size` rows, halved on out-of-memory."""
 
     def __init__(self, model: nn.Module, dataset: IndexedDataset, device: torch.device, amp: torch.dtype | None,
-                 store_dtype: torch.dtype, output_shape: tuple[int, ...], batch_size: int) -> None:
+                 store_dtype: torch.dtype, output_shape: tuple[int, ...], batch_size: int, num_workers: int) -> None:
         self.model, self.dataset, self.device, self.amp = model, dataset, device, amp
         self.store_dtype, self.output_shape, self.batch_size = store_dtype, output_shape, batch_size
+        self.block_rows, self.num_workers = batch_size, num_workers
         self.cuda = device.type == "cuda"
+        self._inputs: Iterator[tuple[torch.Tensor, ...]] = iter(())
+
+    def read_ahead(self, ranges: list[tuple[int, int]]) -> None:
+        """The row ranges `compute` will be called with, in order."""
+        blocks = [range(lo, min(lo + self.block_rows, stop)) for start, stop in ranges
+                  for lo in range(start, stop, self.block_rows)]  # from each range's first row: deterministic
+        self._inputs = iter(block_loader(self.dataset, blocks, num_workers=self.num_workers, device=self.device))
 
     def empty(self, rows: int) -> torch.Tensor:
         """Host buffer (rows, *output_shape); pinned on CUDA so device-to-host copies do not block."""
         return torch.empty((rows, *self.output_shape), dtype=self.store_dtype, pin_memory=self.cuda)
 
     def compute(self, start: int, stop: int, out: torch.Tensor, bar: Progress) -> None:
-        """Fill `out` with the outputs of rows `[start, stop)`; retries the whole range with half the batch on OOM."""
-        if start >= stop:
-            return  # every row of the range was copied from a prior store
+        """Fill `out` with the outputs of rows `[start, stop)`, the next range given to `read_ahead`."""
+        for lo in range(start, stop, self.block_rows):
+            x, _, rows, _ = next(self._inputs)
+            if int(rows[0]) != lo or len(rows) != min(self.block_rows, stop - lo):
+                raise RuntimeError(f"read rows {int(rows[0])}.. where rows {lo}.. were due")  # a bug, not bad input
+            self._forward_block(x, rows, out[lo - start:lo - start + len(rows)], bar)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # the non-blocking copies into `out` must land before it is written
+
+    def _forward_block(self, x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, bar: Progress) -> None:
+        """One block's outputs in batches; retries the block with half the batch on out-of-memory."""
         while True:
-            reported = [0]
+            reported = 0
             try:
-                self._forward(start, stop, out, bar, reported)
+                with torch.inference_mode(), \
+                        torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    for a in range(0, len(rows), self.batch_size):
+                        b = min(a + self.batch_size, len(rows))
+                        y = forward(self.model, x[a:b].to(self.device, non_blocking=self.cuda), rows[a:b])
+                        out[a:b].copy_(y.to(self.store_dtype), non_blocking=self.cuda)
+                        bar.update(b - a)
+                        reported += b - a
                 return
             except RuntimeError as exc:
                 if not _is_oom(exc):
                     raise
                 message = str(exc)  # handled below the except block, so the traceback's tensors are freed first
-            bar.update(-reported[0])
+            bar.update(-reported)
             if self.batch_size == 1:
                 raise _oom_at_batch_one(self.device, message)
             self.batch_size //= 2
             if self.cuda:
                 torch.cuda.empty_cache()
-            print(f"warning: out of memory on {self.device}; retrying rows {start}..{stop - 1} "
+            print(f"warning: out of memory on {self.device}; retrying rows {int(rows[0])}..{int(rows[-1])} "
                   f"with batch size {self.batch_size}", file=sys.stderr)
-
-    def _forward(self, start: int, stop: int, out: torch.Tensor, bar: Progress, reported: list[int]) -> None:
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            for lo in range(start, stop, self.batch_size):  # batches start at `start`: chunk-aligned, deterministic
-                hi = min(lo + self.batch_size, stop)
-                x = self.dataset.batch(torch.arange(lo, hi))[0]
-                if self.cuda:
-                    x = x.pin_memory()
-                y = forward(self.model, x.to(self.device, non_blocking=self.cuda), torch.arange(lo, hi))  # (B, *out)
-                out[lo - start:hi - start].copy_(y.to(self.store_dtype), non_blocking=self.cuda)
-                bar.update(hi - lo)
-                reported[0] += hi - lo
-        if self.cuda:
-            torch.cuda.synchronize(self.device)  # the non-blocking copies into `out` must land before it is written
 
 
 def _is_oom(exc: RuntimeError) -> bool:

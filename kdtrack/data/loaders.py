@@ -119,3 +119,11 @@ def make_loader(
         # its own generator, so iterating a loader never advances the global torch RNG
         generator=torch.Generator().manual_seed(int(seed) % 2**63),
     )
+
+
+def block_loader(ds: IndexedDataset, blocks: Sequence[range], *, num_workers: int = 0,
+                 device: torch.device | str = "cpu") -> DataLoader:
+    """Batches `(x, y, row, domain)` of the given row blocks, in their order (e.g. a cache build's), read ahead by
+    `num_workers` worker processes; pinned for CUDA."""
+    return DataLoader(_RowBatches(ds), batch_sampler=blocks, num_workers=num_workers, collate_fn=_keep_batch,
+                      pin_memory=torch.device(device).type == "cuda")

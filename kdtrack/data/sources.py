@@ -134,4 +134,5 @@ def _from_manifest(cfg: DataConfig) -> IndexedDataset:
     if not cfg.manifest:
         raise DataError("data.source is manifest but data.manifest is empty",
                         "point data.manifest at the manifest JSON, e.g. --set data.manifest=data/manifest.json")
-    return load_manifest(Path(cfg.manifest), Path(cfg.root) if cfg.root else None, cfg.num_classes)
+    return load_manifest(Path(cfg.manifest), Path(cfg.root) if cfg.root else None, cfg.num_classes,
+                         lazy=not cfg.in_memory)

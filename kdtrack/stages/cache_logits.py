@@ -233,7 +233,7 @@ def _fill(cfg: Config, path: Path, teacher: Teacher, rows: IndexedDataset, plan:
                        batch_size=cfg.cache.batch_size,
                        amp_dtype=engine.amp_dtype(cfg.train.amp, device), dtype=cfg.cache.dtype,
                        chunk_rows=cfg.cache.chunk_rows or None, resume=resume, chunks=chunks, prior=prior,
-                       progress=progress_enabled(cfg.train.progress))
+                       progress=progress_enabled(cfg.train.progress), num_workers=cfg.data.num_workers)
 
 
 def _finish(cfg: Config, tracked: tracking.StageRun, path: Path, teacher: Teacher, rows: IndexedDataset,
