@@ -182,8 +182,9 @@ def test_store_holding_an_id_twice_is_refused(store16):
     """A store that holds one sample id twice cannot be aligned."""
     path, _ = store16
     zarr.open_array(path / "sample_ids", mode="r+")[7] = "s/4"
-    with pytest.raises(CacheError, match="1 duplicate ids"):
+    with pytest.raises(CacheError) as err:
         LogitTable.open(path, dataset_with_ids(["s/4"]))
+    assert err.value.what == f"{path}/sample_ids holds 1 duplicate ids"
 
 
 def test_hash_collisions_never_misalign(store16, monkeypatch):
@@ -199,8 +200,9 @@ def test_hash_collisions_never_misalign(store16, monkeypatch):
     with pytest.raises(CacheError, match="1 of 3 dataset samples.*'ghost/1'"):
         LogitTable.open(path, dataset_with_ids(["s/900", "ghost/1", "s/4"]))
     zarr.open_array(path / "sample_ids", mode="r+")[7] = "s/4"
-    with pytest.raises(CacheError, match="1 duplicate ids"):
+    with pytest.raises(CacheError) as err:
         LogitTable.open(path, dataset_with_ids(["s/4"]))
+    assert err.value.what == f"{path}/sample_ids holds 1 duplicate ids"
 
 
 def test_incomplete_store_is_refused_unless_allowed(tmp_path):
@@ -331,8 +333,11 @@ def test_chunked_mode_matches_in_memory_and_keeps_lru_in_budget(store16):
         assert 0 < chunked.resident_nbytes < budget
     grid = np.array([[1, 999], [500, 2]])  # any index shape: the result keeps it, each cell its own row
     assert torch.equal(chunked[grid], torch.from_numpy(logits[grid].astype(np.float32)))
-    clone = pickle.loads(pickle.dumps(chunked))  # what a DataLoader worker receives
+    state = pickle.dumps(chunked)  # what a DataLoader worker receives: the index, not the resident chunks
+    assert len(state) < len(pickle.dumps(LogitTable.open(path, memory_budget_bytes=budget))) + CHUNK * C * 2
+    clone = pickle.loads(state)
     assert clone.resident_nbytes == 0 and torch.equal(clone[[7, 900]], memory[[7, 900]])
+    assert clone.chunk_loads == chunked.chunk_loads + 2  # both chunks read again: none came with the clone
 
 
 def test_chunked_lookups_evict_the_least_recently_used_chunk_the_batch_does_not_need(store16):
@@ -355,7 +360,20 @@ def test_chunked_lookups_evict_the_least_recently_used_chunk_the_batch_does_not_
     lookup([64], 6)  # chunk 1, in place of chunk 2 (used before chunk 0 this time)
     lookup([1], 6)  # so chunk 0 is still resident
     lookup([999, 1], 7)  # the last chunk (15, 40 rows) in place of chunk 1, beside chunk 0
-    assert table[torch.tensor([], dtype=torch.int64)].shape == (0, C)
+    assert table[torch.tensor([], dtype=torch.int64)].shape == table[[]].shape == (0, C)
+    assert table._slab.dtype == torch.float16  # resident chunks stay in the stored dtype: the budget counts that
+
+
+def test_a_chunk_that_fails_to_read_leaves_its_slot_free(store16):
+    path, logits = store16
+    flip_byte(path / "logits" / "c" / "2" / "0")
+    table = LogitTable.open(path, memory_budget_bytes=budget_for_chunks(2))
+    table[[0]], table[[64]]
+    with pytest.raises(CacheError, match="chunk 2 of .* is corrupt"):
+        table[[130]]
+    assert table.resident_nbytes == CHUNK * C * 2  # chunk 1; chunk 0 made room for chunk 2, which never came
+    assert torch.equal(table[[1, 65]], torch.from_numpy(logits[[1, 65]].astype(np.float32)))
+    assert table.chunk_loads == 3  # chunks 0, 1, 0 again (a failed read is not counted)
 
 
 def test_chunked_lookups_fill_free_slots_without_forgetting_the_last_chunk(store16):
@@ -492,3 +510,5 @@ def test_the_float16_nan_check_agrees_with_numpy_on_every_bit_pattern():
     said = [reader._has_nan(v) for v in values]
     assert said == np.isnan(values[:, 0]).tolist() and sum(said) == 2 * (2**10 - 1)
     assert reader._has_nan(values[:5].astype(np.float32)) is False and reader._has_nan(np.float32([1, np.nan]))
+    # a float32 whose upper half would be a float16 NaN (0x7E00) is a finite number, 2**125
+    assert reader._has_nan(np.array([0x7E000000], np.uint32).view(np.float32)) is False

@@ -33,6 +33,30 @@ def test_the_default_budget_is_half_the_available_memory_over_the_local_processe
         assert default_memory_budget(processes) == pytest.approx(available / 2 / processes, rel=0.05)
 
 
+@pytest.mark.parametrize("meminfo, expected", [
+    ("MemTotal:  8000 kB\nMemFree:  300 kB\nMemAvailable:   6001 kB\n", 1024170),  # 6001 KiB / 6, down
+    ("MemTotal:  8000 kB\nMemFree:  300 kB\n", None),  # an old kernel without MemAvailable
+    (None, None),  # no /proc/meminfo at all
+])
+def test_the_default_budget_reads_mem_available_else_the_free_pages(monkeypatch: pytest.MonkeyPatch, tmp_path,
+                                                                   meminfo: str | None, expected: int | None) -> None:
+    """Half of MemAvailable over 3 processes; without that line (or the file), half the free pages over 3."""
+    import builtins
+
+    from kdtrack.cache import reader
+
+    fake = tmp_path / "meminfo"
+    if meminfo is not None:
+        fake.write_text(meminfo)
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(fake if path == "/proc/meminfo" else path,
+                                                                          *a, **k))
+    pages = {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(reader.os, "sysconf", lambda name: pages[name])
+    budget = reader.default_memory_budget(3)
+    assert budget == (1000 * 4096 // 2 // 3 if expected is None else expected) and type(budget) is int  # bytes
+
+
 @pytest.mark.slow  # builds a cache of small chunks and trains a student on it
 def test_a_cache_over_the_budget_is_read_by_chunks_and_shuffled_chunk_aware(store: str, digits_teacher: str,
                                                                             capsys) -> None:
