@@ -46,6 +46,7 @@ _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_B
 
 
 _checked_stores: set[tuple[str, str]] = set()
+_clients: dict[tuple[str, int], MlflowClient] = {}
 
 
 def configure() -> MlflowClient:
@@ -61,12 +62,15 @@ def configure() -> MlflowClient:
         _checked_stores.add((uri, os.getcwd()))
     _quiet_store_logs()
     mlflow.set_tracking_uri(uri)
-    try:
-        return MlflowClient()  # opens a database store (creating its tables) on first use in this process
-    except Exception as exc:
-        if not _is_store_failure(exc):
-            raise
-        raise store_error(exc) from exc
+    key = (uri, os.getpid())  # a forked process opens its own
+    if key not in _clients:  # configure() runs for every read: one client per store, not one per call
+        try:
+            _clients[key] = MlflowClient()  # opens a database store (creating its tables) on first use in a process
+        except Exception as exc:
+            if not _is_store_failure(exc):
+                raise
+            raise store_error(exc) from exc
+    return _clients[key]
 
 
 @dataclass

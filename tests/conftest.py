@@ -170,6 +170,21 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: flo
     raise RuntimeError(f"mlflow server not healthy after {timeout}s:\n{log_path.read_text()[-3000:]}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_everywhere() -> Iterator[None]:
+    """Every model here is tiny: on 2 cores a second intra-op thread only adds spin-waits (2-3x slower on a busy CPU).
+    Child processes inherit OMP_NUM_THREADS=1, so what a child computes matches what this process computes."""
+    saved = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved[1])
+    if saved[0] is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = saved[0]
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Tiny convs: extra intra-op threads only add spin-waits, badly so on a shared, busy CPU."""

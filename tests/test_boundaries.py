@@ -107,8 +107,9 @@ def test_resume_with_another_config_or_teacher_is_refused(store: str):
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 
-def test_a_swapped_teacher_checkpoint_is_refused_everywhere(tmp_path: Path):
-    teacher, foreign = _teacher(), _teacher("seed=2")
+def test_a_swapped_teacher_checkpoint_is_refused_everywhere(digits_teacher: str, tmp_path: Path):
+    # the session's teacher (another seed, so other weights) lends its file and is only read
+    teacher, foreign = _teacher("seed=2"), digits_teacher
     recorded = MlflowClient().get_run(teacher).data.tags["kdtrack.checkpoint_sha256"]
     shutil.copyfile(_artifact(foreign, "checkpoints/best.pt"), _artifact(teacher, "checkpoints/best.pt"))
     swapped = checkpoint.load(_artifact(foreign, "checkpoints/best.pt"))["weights_sha256"]

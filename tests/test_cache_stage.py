@@ -107,6 +107,7 @@ def _rewrite_checkpoint(run_id: str, edit) -> None:
     tracking.StageRun.of(run_id).set_tags({"kdtrack.checkpoint_sha256": payload["weights_sha256"]})
 
 
+@pytest.mark.slow  # trains several models end to end in process (1-4 s on 2 cores)
 def test_architecture_and_size_mismatch_are_named(store: str):
     cfg = config.load(DIGITS, [*TINY_TEACHER, "optim.epochs=1", "experiment=broken"])
     renamed, resized = train_teacher.run(cfg), train_teacher.run(cfg)
@@ -202,6 +203,7 @@ def test_appended_samples_are_the_only_ones_computed_and_stale_data_is_not_reuse
     assert tags["kdtrack.dataset_digest"] != MlflowClient().get_run(grown).data.tags["kdtrack.dataset_digest"]
 
 
+@pytest.mark.slow  # trains several models end to end in process (1-4 s on 2 cores)
 def test_retrained_teacher_gets_its_own_cache(digits_cache: str):
     retrained = train_teacher.run(config.load(DIGITS, [*TINY_TEACHER, "seed=1", "experiment=caches"]))
     code, out, err = cli("cache-logits", "--teacher-run-id", retrained, "--config", str(DIGITS),
@@ -232,6 +234,7 @@ def test_interrupted_build_resumes_in_the_same_run(digits_teacher: str, monkeypa
     assert run.info.status == "FINISHED" and run.data.metrics["build/rows_computed"] == 0
 
 
+@pytest.mark.slow  # trains several models end to end in process (1-4 s on 2 cores)
 def test_several_teachers_nest_under_one_parent(digits_teacher: str, digits_cache: str):
     other = train_teacher.run(config.load(DIGITS, [*TINY_TEACHER, "seed=2", "experiment=caches"]))
     code, out, err = cli("cache-logits", "--teacher-run-id", digits_teacher, "--teacher-run-id", other,

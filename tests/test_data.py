@@ -115,6 +115,26 @@ def test_digits_is_stable_and_seed_moves_splits(digits: IndexedDataset) -> None:
     assert (other.splits != digits.splits).any() and dataset_digest(other) != dataset_digest(digits)
 
 
+def test_digits_are_parsed_once_and_each_dataset_owns_its_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sklearn.datasets
+
+    from kdtrack.data import sources
+
+    real, calls = sklearn.datasets.load_digits, []
+    monkeypatch.setattr(sklearn.datasets, "load_digits", lambda: calls.append(1) or real())
+    sources._digits.cache_clear()
+    try:
+        first, second = (build_dataset(DataConfig(source="digits")) for _ in range(2))
+    finally:
+        sources._digits.cache_clear()  # later tests parse the real function again
+    assert calls == [1]
+    np.testing.assert_array_equal(first.features.reshape(-1, 64), real().data.astype(np.float32))
+    first.features[0] += 1  # one dataset's arrays are its own
+    assert second.features[0].sum() == real().data[0].sum()
+    first.labels[0] = 9 - first.labels[0]
+    assert second.labels[0] == real().target[0]
+
+
 def test_stratified_split_counts_and_bad_fractions() -> None:
     labels = np.repeat([0, 1], [100, 40])
     splits = stratified_splits(labels, 0.2, 0.1, seed=3)

@@ -55,6 +55,7 @@ def test_the_default_budget_reads_mem_available_else_the_free_pages(monkeypatch:
     monkeypatch.setattr(reader.os, "sysconf", lambda name: pages[name])
     budget = reader.default_memory_budget(3)
     assert budget == (1000 * 4096 // 2 // 3 if expected is None else expected) and type(budget) is int  # bytes
+    assert reader.default_memory_budget() == 3 * budget + (reader.default_memory_budget() % 3)  # one process
 
 
 @pytest.mark.slow  # builds a cache of small chunks and trains a student on it

@@ -270,6 +270,7 @@ def test_label_smoothing_is_zero_under_kd(digits_teacher: str, method: str):
 
 # 7. The sweep's results.csv: mean and sample std over seeds of each student run's own metrics.
 
+@pytest.mark.slow  # a sweep through the CLI: a cache check and four student trainings end to end
 def test_sweep_results_are_mean_and_sample_std(store: str, digits_teacher: str):
     """A sweep of students of a teacher trained before (--teacher-run-id): no teacher is trained for it."""
     sets = set_args(*TINY_TEACHER, "student.model.hidden=[6]", "student.optim.epochs=1", "cache.chunk_rows=512",

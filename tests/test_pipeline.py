@@ -38,6 +38,7 @@ def first_pipeline(store: str) -> str:
     return out.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # the first_pipeline fixture runs a whole pipeline end to end: teacher, cache, two students
 def test_pipeline_runs_every_stage_as_finished_children(first_pipeline: str):
     client = MlflowClient()
     parent = client.get_run(first_pipeline)
@@ -73,6 +74,7 @@ def test_pipeline_runs_every_stage_as_finished_children(first_pipeline: str):
     assert "-" not in cells["student-kd"][:3] and cells["cache"][3] != "-"
 
 
+@pytest.mark.slow  # the first_pipeline fixture runs a whole pipeline end to end: teacher, cache, two students
 def test_second_invocation_reuses_every_step(first_pipeline: str):
     code, out, err = _pipeline("pipeline")
     assert code == 0, err
@@ -81,6 +83,7 @@ def test_second_invocation_reuses_every_step(first_pipeline: str):
     assert all(reused for _, reused in again.values())
 
 
+@pytest.mark.slow  # the first_pipeline fixture runs a whole pipeline end to end: teacher, cache, two students
 def test_student_change_reruns_only_that_student(first_pipeline: str):
     code, out, err = _pipeline("pipeline", "--set", "kd.temperature=2")
     assert code == 0, err
@@ -158,6 +161,7 @@ def test_sweep_skips_finished_and_reruns_failed(store: str, monkeypatch: pytest.
     assert code == 0 and err.count("reusing run") == 2  # only teacher and cache
 
 
+@pytest.mark.slow  # the first_pipeline fixture runs a whole pipeline end to end: teacher, cache, two students
 def test_fetch_gives_loadable_checkpoints_and_cache(first_pipeline: str, tmp_path: Path):
     steps = _steps(first_pipeline)
     code, out, _ = cli("fetch", "--run-id", steps["teacher"][0], "--out", str(tmp_path))
@@ -183,6 +187,7 @@ def test_unknown_student_method_is_refused_before_any_run(store: str):
     assert MlflowClient().get_experiment_by_name("never-run") is None
 
 
+@pytest.mark.slow  # the first_pipeline fixture runs a whole pipeline end to end: teacher, cache, two students
 def test_ui_fields_are_stable(first_pipeline: str):
     client = MlflowClient()
     steps = _steps(first_pipeline)

@@ -83,6 +83,7 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 
 # --- the script on the store -----------------------------------------------------------------------------
 
+@pytest.mark.slow  # the runs fixture trains a teacher, a cache and two students end to end
 def test_default_plots_are_written_and_printed(runs, tmp_path, capsys):
     code, out, err = _run(capsys, "--experiment", EXPERIMENT, "--out", str(tmp_path))
     assert code == 0, err
@@ -98,6 +99,7 @@ def test_default_plots_are_written_and_printed(runs, tmp_path, capsys):
         assert written == _png_bytes(figure), name
 
 
+@pytest.mark.slow  # the runs fixture trains a teacher, a cache and two students end to end
 def test_learning_curves_have_one_line_per_config(runs):
     figure = _figures(experiment=EXPERIMENT)["learning_curves"]  # the cache run logs no curves
     assert [ax.get_title() for ax in figure.axes] == list(plots.LEARNING_CURVES)
@@ -110,6 +112,7 @@ def test_learning_curves_have_one_line_per_config(runs):
     assert list(val_acc.lines[0].get_xdata()) == [0, 1, 2]
 
 
+@pytest.mark.slow  # the runs fixture trains a teacher, a cache and two students end to end
 def test_students_against_teacher_and_baseline(runs):
     # Only the students are selected: the teacher comes from their kdtrack.teacher_run_ids.
     figure = _figures(experiment=EXPERIMENT, stage="student")["students"]
@@ -126,6 +129,7 @@ def test_students_against_teacher_and_baseline(runs):
     assert ax.patches[2].get_facecolor() != ax.patches[1].get_facecolor() != ax.patches[0].get_facecolor()
 
 
+@pytest.mark.slow  # the runs fixture trains a teacher, a cache and two students end to end
 def test_kd_schedule_is_the_logged_weight(runs):
     figure = _figures(run_ids=(runs["kd"],))["kd_schedule"]
     weight, coverage = figure.axes
@@ -135,6 +139,7 @@ def test_kd_schedule_is_the_logged_weight(runs):
     assert list(coverage.lines[0].get_ydata()) == _history(runs["kd"], "train/coverage")
 
 
+@pytest.mark.slow  # the runs fixture trains a teacher, a cache and two students end to end
 def test_epoch_times_per_config(runs):
     ax = _figures(experiment=EXPERIMENT)["epoch_times"].axes[0]
     groups = [tick.get_text().split(",")[0] for tick in ax.get_yticklabels()]
@@ -143,6 +148,7 @@ def test_epoch_times_per_config(runs):
     assert [bar.get_width() for bar in ax.patches] == pytest.approx(expected)
 
 
+@pytest.mark.slow  # the runs fixture trains a teacher, a cache and two students end to end
 def test_named_metric_of_two_runs(runs, tmp_path, capsys):
     code, out, err = _run(capsys, "--metric", "val/acc", "--run-id", runs["kd"], "--run-id", runs["none"],
                           "--out", str(tmp_path), "--svg")
@@ -158,6 +164,7 @@ def test_named_metric_of_two_runs(runs, tmp_path, capsys):
     assert svg.startswith(b"<?xml") and b"<svg" in svg
 
 
+@pytest.mark.slow  # the runs fixture trains a teacher, a cache and two students end to end
 def test_log_to_run_puts_the_files_under_plots(runs, tmp_path, capsys):
     code, _out, err = _run(capsys, "--run-id", f"{runs['kd']},{runs['none']}", "--out", str(tmp_path),
                            "--log-to-run", runs["kd"])
@@ -167,6 +174,7 @@ def test_log_to_run_puts_the_files_under_plots(runs, tmp_path, capsys):
     assert "plots/students.png" in logged
 
 
+@pytest.mark.slow  # the runs fixture trains a teacher, a cache and two students end to end
 def test_empty_selection_is_one_line_exit_2(runs, tmp_path, capsys):
     code, out, err = _run(capsys, "--experiment", EXPERIMENT, "--tag", "kdtrack.method=fitnet", "--out", str(tmp_path))
     assert code == 2 and out == ""
@@ -179,6 +187,7 @@ def test_empty_selection_is_one_line_exit_2(runs, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # the runs fixture trains a teacher, a cache and two students end to end
 def test_unknown_metric_names_the_logged_ones(runs, capsys):
     code, _out, err = _run(capsys, "--stage", "student", "--experiment", EXPERIMENT, "--metric", "val/accuracy")
     assert code == 2 and err.startswith("error: unknown metric val/accuracy for the selected runs — metrics they ")

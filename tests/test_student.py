@@ -36,6 +36,7 @@ def kd_and_baseline(digits_teacher: str, digits_cache_run: str) -> tuple[str, st
     return kd.strip(), none.strip()
 
 
+@pytest.mark.slow  # the kd_and_baseline fixture trains two students of 8 epochs end to end through the CLI
 def test_cached_student_uses_exactly_its_cache(digits_teacher: str, digits_cache_run: str,
                                               kd_and_baseline: tuple[str, str]):
     run = MlflowClient().get_run(kd_and_baseline[0])
@@ -70,6 +71,7 @@ def _test_predictions(run_id: str) -> torch.Tensor:
         return model.eval()(x).argmax(1)
 
 
+@pytest.mark.slow  # the kd_and_baseline fixture trains two students of 8 epochs end to end through the CLI
 def test_kd_transfers_the_teacher(digits_teacher: str, kd_and_baseline: tuple[str, str]):
     kd, none = (MlflowClient().get_run(r).data.metrics for r in kd_and_baseline)
     teacher, kd_pred, none_pred = (_test_predictions(r) for r in (digits_teacher, *kd_and_baseline))
@@ -79,6 +81,7 @@ def test_kd_transfers_the_teacher(digits_teacher: str, kd_and_baseline: tuple[st
     assert kd["test/acc"] > 0.8 and none["test/acc"] > 0.8
 
 
+@pytest.mark.slow  # the kd_and_baseline fixture trains two students of 8 epochs end to end through the CLI
 def test_lineage_names_the_chain(digits_teacher: str, kd_and_baseline: tuple[str, str]):
     code, out, _ = cli("lineage", kd_and_baseline[0])
     lines = out.strip().splitlines()
@@ -89,6 +92,7 @@ def test_lineage_names_the_chain(digits_teacher: str, kd_and_baseline: tuple[str
     assert lines[2].startswith(f"    <- teacher-mlp-digits [teacher] run {digits_teacher}")
 
 
+@pytest.mark.slow  # builds a cache and trains a student end to end through the CLI
 def test_missing_cache_names_the_command_and_build_missing_builds_it(digits_teacher: str):
     code, _out, err = _student(digits_teacher, "data.seed=5")  # another split: another digest
     assert code == 2

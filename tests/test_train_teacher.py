@@ -189,6 +189,7 @@ def test_mlflow_run_entry_point(store: str, tmp_path: Path):
     assert logged == config.load(DIGITS, [*TINY_TEACHER, "optim.epochs=1"])
 
 
+@pytest.mark.slow  # trains several models end to end in process (1-4 s on 2 cores)
 def test_resume_in_a_process_that_used_another_experiment(store: str):
     overrides = [*TINY_TEACHER, "optim.epochs=3"]
     with interrupted_after_epoch(0), pytest.raises(KeyboardInterrupt):

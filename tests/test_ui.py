@@ -61,6 +61,7 @@ def _link(run_id: str) -> str:
     return f"[{run.info.run_name}](#/experiments/{run.info.experiment_id}/runs/{run_id})"
 
 
+@pytest.mark.slow  # the ui_pipeline fixture runs a whole pipeline end to end: teacher, cache, two students
 def test_params_say_what_each_run_used(ui_pipeline: dict[str, str]):
     """Item 2: a student logs its own model and data view, teacher and kd settings only when it distils; no run but
     a student logs `method`; the KD/no-KD difference shows in params."""
@@ -87,6 +88,7 @@ def test_params_say_what_each_run_used(ui_pipeline: dict[str, str]):
     assert "method" not in parent and parent["students"] == "kd,none"
 
 
+@pytest.mark.slow  # the ui_pipeline fixture runs a whole pipeline end to end: teacher, cache, two students
 def test_one_name_per_loss_and_one_ce_for_both_students(ui_pipeline: dict[str, str]):
     """Item 3: the KD student logs the weighted terms that sum to `train/loss` and the unweighted CE on labelled rows
     (`train/ce_labelled`) that the baseline logs too; no synonyms."""
@@ -111,6 +113,7 @@ def test_one_name_per_loss_and_one_ce_for_both_students(ui_pipeline: dict[str, s
     assert history(none, "train/ce_labelled") == pytest.approx(history(none, "train/loss_ce"), rel=1e-6)
 
 
+@pytest.mark.slow  # the ui_pipeline fixture runs a whole pipeline end to end: teacher, cache, two students
 def test_summaries_are_logged_once_at_step_zero(ui_pipeline: dict[str, str]):
     """Item 4: test/* and best/* are one value at step 0 (a bar in the UI); curves keep step = epoch."""
     client = MlflowClient()
@@ -123,6 +126,7 @@ def test_summaries_are_logged_once_at_step_zero(ui_pipeline: dict[str, str]):
         assert sorted(m.step for m in client.get_metric_history(run_id, "val/acc")) == list(range(epochs)), step
 
 
+@pytest.mark.slow  # the ui_pipeline fixture runs a whole pipeline end to end: teacher, cache, two students
 def test_descriptions_and_datasets_name_the_lineage(ui_pipeline: dict[str, str]):
     """Item 5: the KD student's description links its teacher and cache runs; each data view has its own dataset
     name; the logits input is named after the cache run and carries the cache key under its own name."""
@@ -153,6 +157,7 @@ def test_descriptions_and_datasets_name_the_lineage(ui_pipeline: dict[str, str])
         "kdtrack.dataset_digest"]
 
 
+@pytest.mark.slow  # the ui_pipeline fixture runs a whole pipeline end to end: teacher, cache, two students
 def test_sweep_names_seeds_and_lists_a_reused_student(ui_pipeline: dict[str, str]):
     """Items 1 and 6: a sweep over two seeds reuses the pipeline's KD student for seed 0 (same step key) and trains
     seed 1; the new run's name says its seed, and the sweep parent lists and links both students."""
@@ -171,6 +176,7 @@ def test_sweep_names_seeds_and_lists_a_reused_student(ui_pipeline: dict[str, str
         f"- default, seed 1: {_link(ids[1])}"]
 
 
+@pytest.mark.slow  # the ui_pipeline fixture runs a whole pipeline end to end: teacher, cache, two students
 def test_first_view_is_a_saved_students_table(ui_pipeline: dict[str, str]):
     """Item 7: the pipeline saves a view of the experiment's runs table (students, the columns that matter) that the
     UI loads from `?viewStateShareKey=`, and the URL opens the runs tab with it."""
@@ -191,6 +197,7 @@ def test_first_view_is_a_saved_students_table(ui_pipeline: dict[str, str]):
         assert key in _run(ui_pipeline["student-kd"]).data.params, key
 
 
+@pytest.mark.slow  # the ui_pipeline fixture runs a whole pipeline end to end: teacher, cache, two students
 def test_a_resumed_run_config_still_matches(ui_pipeline: dict[str, str]):
     """The params are a view: the resolved config a resume compares against is config.yaml, still whole."""
     logged = tracking.load_run_config(ui_pipeline["student-none"], config.Config)
@@ -205,3 +212,15 @@ def test_artifact_downloads_draw_no_progress_bars_on_stderr(store: str, monkeypa
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")  # a user's own choice stays
     tracking.configure()
     assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "true"
+
+
+def test_one_client_per_store_and_process(store: str, monkeypatch, tmp_path):
+    """configure() runs for every read: it hands back the client it made for the same store, a new one for another
+    store."""
+    client = tracking.configure()
+    assert tracking.configure() is client and client.tracking_uri == store
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    assert tracking.configure() is not client and tracking.configure().tracking_uri == other
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert tracking.configure() is client

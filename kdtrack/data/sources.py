@@ -1,6 +1,7 @@
 """Built-in sources (digits, synthetic) and `build_dataset`, which picks the source a DataConfig names."""
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -61,11 +62,8 @@ def stratified_splits(labels: np.ndarray, val_fraction: float, test_fraction: fl
 
 def load_digits_dataset(cfg: DataConfig) -> IndexedDataset:
     """scikit-learn's 1797 8x8 handwritten digits (values 0..16) as (N, 1, 8, 8), split by cfg's fractions."""
-    from sklearn.datasets import load_digits  # slow import; only this source needs it
-
-    bunch = load_digits()
-    features = bunch.images.astype(np.float32).reshape(-1, 1, 8, 8)
-    labels = bunch.target.astype(np.int64)
+    images, targets = _digits()
+    features, labels = images.astype(np.float32).reshape(-1, 1, 8, 8), targets.astype(np.int64)  # copies
     n = len(labels)
     return IndexedDataset(
         features=features,
@@ -76,6 +74,16 @@ def load_digits_dataset(cfg: DataConfig) -> IndexedDataset:
         num_classes=10,
         source="digits",
     )
+
+
+@functools.cache
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits, parsed once per process (its CSV parse takes ~40 ms); callers copy them."""
+    from sklearn.datasets import load_digits  # slow import; only this source needs it
+
+    bunch = load_digits()
+    bunch.images.flags.writeable = bunch.target.flags.writeable = False
+    return bunch.images, bunch.target
 
 
 def make_synthetic(cfg: DataConfig) -> IndexedDataset:
