@@ -278,6 +278,35 @@ def test_progress_bar_ends_at_the_row_count(tmp_path: Path, capsys: pytest.Captu
     assert final.startswith("cache new.zarr 100%|") and " 96/96 [" in final and " rows/s" in final, final
 
 
+def test_progress_bar_takes_back_only_the_rows_of_the_block_that_ran_out_of_memory(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Blocks of 16 rows (the first batch size) in chunks of 32; forwards 2, 6 and 13 run out of memory (1 is the
+    probe): at none, one and two finished batches of their block (0 at 16 rows; 16..23 done at 8; 32..39 done at
+    4). The bar ends at exactly the row count, and the store is the model's outputs."""
+    model = _OomOnCalls(tiny_model(), {2, 6, 13})
+    stats = build_tiny(tmp_path / "o.zarr", tiny_dataset(64), model, batch_size=16, progress=True)
+    assert model.sizes == [1, 16, 8, 8, 8, 8, 4, 4, 4, 4, 4, 4, 4] + [2] * 16  # blocks 32..47 and 48..63 at 2
+    assert stats.batch_size_used == 2 and stats.rows_computed == 64
+    final = capsys.readouterr().err.split("\r")[-1]
+    assert " 64/64 [" in final, final
+    build_tiny(tmp_path / "ref.zarr", tiny_dataset(64), batch_size=2)
+    assert np.array_equal(raw(tmp_path / "o.zarr"), raw(tmp_path / "ref.zarr"))
+
+
+class _OomOnCalls(nn.Module):
+    """Records each batch size; raises the CUDA out-of-memory error on the given forward calls (1-based)."""
+
+    def __init__(self, inner: nn.Module, calls: set[int]) -> None:
+        super().__init__()
+        self.inner, self.calls, self.sizes = inner, calls, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        if len(self.sizes) in self.calls:
+            raise _cuda_oom(x.shape[0])
+        return self.inner(x)
+
+
 class _OomOnCall(nn.Module):
     """Raises the CUDA out-of-memory error on its `call`-th forward only."""
 
