@@ -31,9 +31,10 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	$(PY) -m pytest -q
 
-# The suite less the tests marked slow, on two pytest-xdist workers (each with its own tracking store).
+# The suite less the tests marked slow, on two pytest-xdist workers (each with its own tracking store), a test
+# module per worker, so that a module's fixtures are built once.
 test-fast: $(INSTALLED)
-	$(PY) -m pytest -q -m "not slow" -n 2
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadscope
 
 # The tests marked extras (torchvision and timm models as teachers), in their own venv: .venv's CPU torch has no
 # torchvision on PyPI to match it (constraints-extras.txt). The GPU is hidden: these tests are CPU tests too.

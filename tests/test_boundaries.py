@@ -61,6 +61,7 @@ def test_resume_of_a_wrong_or_finished_run_writes_nothing(chain: dict[str, str],
     assert _snapshot(run_id) == before
 
 
+@pytest.mark.slow  # trains a student, then a cache-logits that reuses a cache (~1 s on 2 cores)
 def test_a_stale_mlflow_run_id_is_never_adopted(chain: dict[str, str], monkeypatch: pytest.MonkeyPatch):
     before = _snapshot(chain["teacher"])
     monkeypatch.setenv("MLFLOW_RUN_ID", chain["teacher"])

@@ -385,6 +385,7 @@ def test_prior_rows_of_one_row_and_of_none(built: str):
 
 # ------------------------------------------------------------------------------------------------- run_many
 
+@pytest.mark.slow  # builds and verifies a cache per teacher (over a second on 2 cores)
 def test_run_many_nests_the_caches_of_several_teachers_under_one_parent(store: str, digits_teacher: str, teacher):
     t, cfg = digits_teacher, _cfg([*TRAIN, "cache.dtype=float16"])
     tags = {f"{T}stage": "cache", f"{T}cache_key": _key(teacher, ("train",), "float16"), f"{T}teacher_run_id": t}
@@ -533,6 +534,7 @@ def grown(built: str, digits_teacher: str, tmp_path_factory: pytest.TempPathFact
                            prior=len(_split_rows("train")))
 
 
+@pytest.mark.slow  # a two-rank cache build and its upload (~1 s on 2 cores)
 def test_two_ranks_end_one_finished_cache_run_with_the_store_uploaded(grown: SimpleNamespace, digits_teacher: str):
     lead, follow = grown.results
     assert isinstance(lead, str) and lead == follow
@@ -599,6 +601,7 @@ def test_ranks_that_compute_different_cache_keys_fail(digits_teacher: str, teach
     assert run.info.status == "FAILED" and run.data.tags[f"{T}cache_key"] == theirs
 
 
+@pytest.mark.slow  # three two-rank cache builds (~2 s on 2 cores)
 def test_run_many_on_two_ranks_resumes_rebuilds_and_reuses(store: str, digits_teacher: str, monkeypatch):
     cfg, n = _cfg(UNLABELED), len(_split_rows("unlabeled"))  # 819 rows: rank 0 owns 4 chunks, rank 1 owns 3
 

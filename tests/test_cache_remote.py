@@ -103,6 +103,7 @@ def test_pack_gives_few_files_and_identical_values(unpacked: Path, tmp_path: Pat
         pack(unpacked, packed)
 
 
+@pytest.mark.slow  # packs a store at several shard sizes (~1 s on 2 cores)
 def test_shards_hold_whole_chunks_below_the_size_limit(unpacked: Path, tmp_path: Path):
     packed = tmp_path / "packed.zarr"
     # 640 B of logits per chunk and a 3000 B limit: 4 chunks (128 rows) per shard, 5 shards
@@ -213,6 +214,7 @@ def test_pack_keeps_array_attributes_dimension_names_and_filters(unpacked: Path,
     np.testing.assert_array_equal(logits[:], zarr.open_group(source, mode="r")["logits"][:])
 
 
+@pytest.mark.slow  # packs, corrupts, verifies and repairs a store (over a second on 2 cores)
 def test_one_corrupt_chunk_of_a_shard_is_repaired_alone(unpacked: Path, tmp_path: Path):
     packed = tmp_path / "packed.zarr"
     pack(unpacked, packed)
@@ -230,6 +232,7 @@ def test_one_corrupt_chunk_of_a_shard_is_repaired_alone(unpacked: Path, tmp_path
     assert verify(packed).passed and contents(packed) == contents(unpacked)
 
 
+@pytest.mark.slow  # packs, corrupts, verifies and repairs a store (~2 s on 2 cores)
 def test_a_corrupt_shard_index_is_repaired(unpacked: Path, tmp_path: Path):
     packed = tmp_path / "packed.zarr"
     pack(unpacked, packed, shard_bytes=3000)
@@ -242,6 +245,7 @@ def test_a_corrupt_shard_index_is_repaired(unpacked: Path, tmp_path: Path):
     assert verify(packed).passed and contents(packed) == contents(unpacked)
 
 
+@pytest.mark.slow  # packs, corrupts, verifies and repairs a store (over a second on 2 cores)
 def test_a_corrupt_short_last_chunk_is_repaired_alone(unpacked: Path, tmp_path: Path):
     """Writing the short last chunk makes zarr decode it, so a corrupt one fails the write; its repair keeps the
     stored bytes of the other chunks in its shard."""
@@ -257,6 +261,7 @@ def test_a_corrupt_short_last_chunk_is_repaired_alone(unpacked: Path, tmp_path: 
     assert verify(packed).passed and contents(packed) == contents(unpacked)
 
 
+@pytest.mark.slow  # packs, corrupts, then two repairs and three verifications (~2 s on 2 cores)
 def test_a_corrupt_labels_shard_index_is_repaired(unpacked: Path, tmp_path: Path):
     """A one-dimensional array's shard with a corrupt index is rebuilt like the logits' one."""
     packed = tmp_path / "packed.zarr"
@@ -302,6 +307,7 @@ def test_a_shard_is_salvaged_only_when_a_chunk_of_it_does_not_decode(unpacked: P
     assert np.array_equal(rows[kept], original[4 * CHUNK_ROWS:8 * CHUNK_ROWS][kept])
 
 
+@pytest.mark.slow  # packs a store once per case (~1 s each on 2 cores)
 @pytest.mark.parametrize(("name", "rows"), [
     ("labels", r"96\.\.127"),  # copied shard by shard: the shard of chunk 3
     ("sample_ids", r"0\.\.632"),  # first read whole, to measure the ids' size
@@ -466,6 +472,7 @@ def test_fetch_refuses_a_cache_that_failed_verification_and_downloads_nothing(st
         fetch(broken, tmp_path)
 
 
+@pytest.mark.slow  # packs, logs, fetches and verifies a store (over a second on 2 cores)
 def test_a_fetched_copy_that_does_not_check_out_is_refused_and_marked_incomplete(store: str, unpacked: Path,
                                                                                   tmp_path: Path):
     """The run says complete but its store has an unfinished chunk: the fetched copy must not look complete."""

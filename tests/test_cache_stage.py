@@ -126,6 +126,7 @@ def _flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow  # builds a cache, then verify-cache with and without repair (over a second on 2 cores)
 def test_corrupted_chunk_is_named_and_repaired(digits_teacher: str):
     code, out, _ = cli("cache-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
                         "--set", "cache.chunk_rows=256", "--set", "experiment=corrupt", "--force")
@@ -144,6 +145,7 @@ def test_corrupted_chunk_is_named_and_repaired(digits_teacher: str):
     assert MlflowClient().get_run(run_id).data.tags["kdtrack.complete"] == "true"
 
 
+@pytest.mark.slow  # builds a cache, then verify-cache twice (over a second on 2 cores)
 def test_verify_fails_on_nan_row_and_missing_sample(digits_teacher: str):
     code, out, _ = cli("cache-logits", "--teacher-run-id", digits_teacher, "--config", str(DIGITS),
                         "--set", "cache.chunk_rows=256", "--set", "experiment=nan", "--force")

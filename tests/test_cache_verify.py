@@ -497,6 +497,7 @@ def test_fidelity_needs_both_a_model_and_a_dataset(good: Path) -> None:
         assert report.fidelity is None and report.passed
 
 
+@pytest.mark.slow  # recomputes fidelity rows over several seeds (over a second on 2 cores)
 def test_counted_fidelity_rows_are_seeded_by_default_with_zero(good: Path) -> None:
     """A count of rows draws them with `seed` (default 0): the same seed checks the same rows, another seed others."""
     offsets = {r: [v + r / 1024 for v in B] for r in range(N)}  # row r is off by r/1024: the worst row is the last

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorstore as ts
 import torch
-import xarray as xr
 from cache_build_child import NUM_CLASSES, tiny_attrs, tiny_dataset, tiny_model
 
 from kdtrack.cache import build, mark_complete, open_store, pack
@@ -39,6 +37,8 @@ def expected_logits() -> np.ndarray:
 
 
 def test_xarray_opens_a_cache_with_named_dimensions(cache: Path) -> None:
+    import xarray as xr  # here, not at collection: every pytest-xdist worker collects every module
+
     ds = tiny_dataset(N_ROWS)
     opened = xr.open_zarr(cache, zarr_format=3, consolidated=False)
     assert dict(opened.sizes) == {"row": N_ROWS, "class": NUM_CLASSES, "byte": ID_BYTES, "chunk": 3}
@@ -57,6 +57,8 @@ def test_xarray_opens_a_cache_with_named_dimensions(cache: Path) -> None:
 
 def ts_read(cache: Path, name: str) -> np.ndarray:
     """One array of the store read by tensorstore's zarr3 driver, which knows only the core data types."""
+    import tensorstore as ts  # here, not at collection: every pytest-xdist worker collects every module
+
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(cache / name)}}
     return ts.open(spec, open=True, read=True).result().read().result()
 

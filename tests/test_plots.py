@@ -212,6 +212,7 @@ def test_script_as_a_subprocess(runs, tmp_path):
         assert (tmp_path / f"{stem}.png").read_bytes() == _png_bytes(figures[stem]), stem
 
 
+@pytest.mark.slow  # logs a run and draws its plots with matplotlib (~1 s on 2 cores)
 def test_nan_and_inf_metrics_are_skipped_and_marked(store, tmp_path, capsys):
     """A run with a NaN epoch time and an infinite accuracy (MLflow's SQL store keeps ±Inf as ±max float)."""
     client = MlflowClient()

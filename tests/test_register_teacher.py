@@ -88,6 +88,7 @@ def _by_hand(model: nn.Module, x: np.ndarray) -> np.ndarray:
         return model((torch.from_numpy(x) - float(DIGITS_NORM[0])) / float(DIGITS_NORM[1])).numpy()
 
 
+@pytest.mark.slow  # registers two experts, each with its MLflow model (~1 s on 2 cores)
 def test_two_experts_registered_at_once_are_teacher_runs_under_one_parent(store: str, experts: dict) -> None:
     code, out, err = _register(experts["files"]["a"], experts["files"]["b"])
     assert code == 0, err

@@ -214,6 +214,7 @@ def test_artifact_downloads_draw_no_progress_bars_on_stderr(store: str, monkeypa
     assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "true"
 
 
+@pytest.mark.slow  # creates a second tracking store and starts a process (over a second on 2 cores)
 def test_one_client_per_store_and_process(store: str, monkeypatch, tmp_path):
     """configure() runs for every read: it hands back the client it made for the same store, a new one for another
     store."""

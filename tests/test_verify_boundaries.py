@@ -106,6 +106,7 @@ def test_edited_sample_fails_verification_whichever_rows_are_recomputed(tmp_path
     assert (_tags(run_id)["kdtrack.complete"], _tags(run_id)["kdtrack.verified"]) == ("true", "pass")
 
 
+@pytest.mark.slow  # a cache, then verify-cache --repair on changed data (~1 s on 2 cores)
 def test_repair_refuses_a_cache_of_changed_data_and_writes_no_chunk(tmp_path: Path, teacher: str) -> None:
     run_id, cfg, data = _cache(tmp_path, teacher, seed=2)
     path = _store_path(run_id)
