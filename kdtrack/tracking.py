@@ -47,6 +47,7 @@ _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_B
 
 _checked_stores: set[tuple[str, str]] = set()
 _clients: dict[tuple[str, int], MlflowClient] = {}
+_MAX_CLIENTS = 8  # stores one process keeps a client for; the least recently made one goes first
 
 
 def configure() -> MlflowClient:
@@ -65,11 +66,16 @@ def configure() -> MlflowClient:
     key = (uri, os.getpid())  # a forked process opens its own
     if key not in _clients:  # configure() runs for every read: one client per store, not one per call
         try:
-            _clients[key] = MlflowClient()  # opens a database store (creating its tables) on first use in a process
+            client = MlflowClient()  # opens a database store (creating its tables) on first use in a process
         except Exception as exc:
             if not _is_store_failure(exc):
                 raise
             raise store_error(exc) from exc
+        for old in [k for k in _clients if k[1] != key[1]]:
+            del _clients[old]  # clients a parent process made before forking this one
+        while len(_clients) >= _MAX_CLIENTS:
+            del _clients[next(iter(_clients))]  # the oldest
+        _clients[key] = client
     return _clients[key]
 
 

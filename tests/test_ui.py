@@ -214,6 +214,28 @@ def test_artifact_downloads_draw_no_progress_bars_on_stderr(store: str, monkeypa
     assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "true"
 
 
+def test_clients_are_kept_for_the_last_eight_stores_of_this_process(store: str, monkeypatch) -> None:
+    """The clients configure() keeps are bounded: eight stores, the least recently made client let go first, and
+    none of a parent process's clients in a forked one. (Clients of http stores: made without contacting one.)"""
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(key, raising=False)  # configure() sets these for an http store; restored afterwards
+    monkeypatch.setattr(tracking, "_clients", {})
+    uris = [f"http://127.0.0.1:9/store{i}" for i in range(10)]
+    made = {}
+    for uri in uris:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        made[uri] = tracking.configure()
+    assert [uri for uri, _pid in tracking._clients] == uris[2:]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uris[5])
+    assert tracking.configure() is made[uris[5]]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uris[0])
+    assert tracking.configure() is not made[uris[0]]  # let go, so made again
+    assert [uri for uri, _pid in tracking._clients] == [*uris[3:], uris[0]]
+    monkeypatch.setattr(os, "getpid", lambda: -1)  # as in a forked child
+    child = tracking.configure()
+    assert child is not made[uris[0]] and list(tracking._clients) == [(uris[0], -1)]
+
+
 @pytest.mark.slow  # creates a second tracking store and starts a process (over a second on 2 cores)
 def test_one_client_per_store_and_process(store: str, monkeypatch, tmp_path):
     """configure() runs for every read: it hands back the client it made for the same store, a new one for another

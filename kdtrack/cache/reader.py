@@ -16,9 +16,10 @@ from kdtrack.data.dataset import IndexedDataset
 from kdtrack.errors import CacheError
 
 from kdtrack.cache.format import FORMAT as STORE_FORMAT
+from kdtrack.cache.format import STORAGE_DTYPES, chunk_bounds
+
 _ARRAYS = ("logits", "sample_ids", "labels", "chunk_done")
-_DTYPES = (np.dtype("float16"), np.dtype("float32"))
-_TORCH_DTYPES = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32}
+_DTYPES = tuple(np.dtype(name) for name in STORAGE_DTYPES)
 _SHOW_MISSING = 3  # ids quoted in a "not in the cache" message
 _DEFAULT_WINDOW = 4  # chunks whose rows ChunkAwareSampler interleaves
 
@@ -196,10 +197,7 @@ class LogitTable:
             for k in np.unique(chunks[slots < 0]).tolist():
                 self._load(k, keep=needed)
             slots = self._slot_of_chunk[chunks]
-        self._lookups += 1
-        self._slot_used[slots] = self._lookups
-        index = torch.from_numpy(slots * self.chunk_rows + (cache_rows - chunks * self.chunk_rows))
-        return self._slab.index_select(0, index).float().reshape(*rows.shape, *self.output_shape)
+        return self._from_slots(slots, cache_rows, chunks).reshape(*rows.shape, *self.output_shape)
 
     def _gather_by_chunk(self, cache_rows: np.ndarray, chunks: np.ndarray, needed: np.ndarray) -> torch.Tensor:
         out = torch.empty((len(cache_rows), *self.output_shape), dtype=torch.float32)
@@ -207,19 +205,23 @@ class LogitTable:
         for k in sorted(needed.tolist(), key=lambda k: self._slot_of_chunk[k] < 0):
             if self._slot_of_chunk[k] < 0:
                 self._load(k, keep=np.array([], dtype=np.int64))
-            self._lookups += 1
-            slot = self._slot_of_chunk[k]
-            self._slot_used[slot] = self._lookups
             sel = np.flatnonzero(chunks == k)
-            index = torch.from_numpy(slot * self.chunk_rows + cache_rows[sel] - k * self.chunk_rows)
-            out[torch.from_numpy(sel)] = self._slab.index_select(0, index).float()
+            in_k = chunks[sel]
+            out[torch.from_numpy(sel)] = self._from_slots(self._slot_of_chunk[in_k], cache_rows[sel], in_k)
         return out
+
+    def _from_slots(self, slots: np.ndarray, cache_rows: np.ndarray, chunks: np.ndarray) -> torch.Tensor:
+        """Float32 logits of `cache_rows`, whose `chunks` sit in `slots`; those slots count as used by this lookup."""
+        self._lookups += 1
+        self._slot_used[slots] = self._lookups
+        index = torch.from_numpy(slots * self.chunk_rows + (cache_rows - chunks * self.chunk_rows))
+        return self._slab.index_select(0, index).float()
 
     def _load(self, k: int, keep: np.ndarray) -> None:
         """Read chunk k into the free slot, or the least recently used one holding no chunk of `keep`."""
         if self._slab is None:
             self._slab = torch.empty((len(self._chunk_in_slot) * self.chunk_rows, *self.output_shape),
-                                     dtype=_TORCH_DTYPES[self.dtype])
+                                     dtype=getattr(torch, self.dtype.name))
         free = np.flatnonzero(self._chunk_in_slot < 0)
         if len(free):
             slot = int(free[0])
@@ -228,8 +230,7 @@ class LogitTable:
             slot = int(evictable[np.argmin(self._slot_used[evictable])])
             self._slot_of_chunk[self._chunk_in_slot[slot]] = -1
             self._chunk_in_slot[slot] = -1  # until the read succeeds
-        start = k * self.chunk_rows
-        stop = min(start + self.chunk_rows, self._array.shape[0])
+        start, stop = chunk_bounds(self._array.shape[0], self.chunk_rows, k)
         self._read_chunk(k, out=self._slab.numpy()[slot * self.chunk_rows:slot * self.chunk_rows + stop - start])
         self._slot_of_chunk[k], self._chunk_in_slot[slot] = slot, k
 

@@ -21,8 +21,8 @@ import zarr
 from torch import nn
 from zarr.storage import LocalStore
 
-from kdtrack.cache.format import (chunk_bounds, chunk_rows_for, create_store, done_flags, is_store, num_chunks,
-                                  open_store, remove_store)
+from kdtrack.cache.format import (STORAGE_DTYPES, chunk_bounds, chunk_rows_for, create_store, done_flags, is_store,
+                                  num_chunks, open_store, remove_store)
 from kdtrack.cache.ids import encode_ids
 from kdtrack.data import IndexedDataset
 from kdtrack.data.loaders import block_loader
@@ -30,7 +30,6 @@ from kdtrack.errors import BadInput, CacheError
 from kdtrack.progress import Progress
 
 _QUEUE_CHUNKS = 3  # chunks computed but not yet written; bounds host memory at a few times ~4 MiB
-_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -104,8 +103,8 @@ def build(
     """
     if batch_size < 1:
         raise BadInput(f"need batch_size >= 1, got {batch_size}", "e.g. --set cache.batch_size=1024")
-    if dtype not in _TORCH_DTYPES:
-        raise BadInput(f"need dtype in {list(_TORCH_DTYPES)}, got {dtype!r}", "e.g. --set cache.dtype=float16")
+    if dtype not in STORAGE_DTYPES:
+        raise BadInput(f"need dtype in {list(STORAGE_DTYPES)}, got {dtype!r}", "e.g. --set cache.dtype=float16")
     start_time = time.perf_counter()
     model.eval()
     output_shape = probe_output_shape(model, dataset, device)
@@ -119,7 +118,7 @@ def build(
         group.update_attributes({"complete": False})  # contents change: completeness needs a new verification
     _remove_dead_writes(Path(path), todo)
     source = _PriorSource(prior, group, dataset) if prior is not None else None
-    runner = _ChunkRunner(model, dataset, device, amp_dtype, _TORCH_DTYPES[dtype], output_shape, batch_size,
+    runner = _ChunkRunner(model, dataset, device, amp_dtype, getattr(torch, dtype), output_shape, batch_size,
                           num_workers if dataset.lazy else 0)
     rewrite = dataset if force_chunks else None  # a repaired chunk may have lost its ids or labels too
     total, copied = _fill_chunks(group, todo, runner, source, rewrite, f"cache {Path(path).name}", progress)
