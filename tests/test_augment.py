@@ -243,6 +243,23 @@ def test_cached_kd_targets_are_mixed_as_the_inputs_and_live_ones_are_not() -> No
     assert live["kd"].item() == pytest.approx(kl(p).item(), rel=1e-5)
 
 
+def test_the_kd_students_ce_term_is_mixed_as_the_inputs() -> None:
+    """Under KD with mixup, the CE term is λ·CE(y_i) + (1-λ)·CE(y_partner) over rows whose two labels are known,
+    weighted by 1 - kd_alpha."""
+    from kdtrack.losses.kd import KDLossConfig, LogitKD
+
+    torch.manual_seed(2)
+    student, teacher = torch.nn.Linear(4, 3), torch.randn(4, 3)
+    x, y, rows = torch.randn(4, 4), torch.tensor([0, 2, -1, 1]), torch.arange(4)
+    mix = augment.Mix(partner=torch.tensor([1, 0, 3, 2]), lam=torch.tensor([0.25, 0.5, 0.9, 1.0]))
+    batch = (x, y, rows, torch.zeros(4, dtype=torch.long), mix)
+    _, terms = LogitKD(lambda b: teacher[b[2]], KDLossConfig(kd_alpha=0.4))(student, batch, epoch=0)
+    with torch.no_grad():
+        logp = student(x).log_softmax(dim=1)
+    by_hand = (0.25 * -logp[0, 0] + 0.75 * -logp[0, 2] + 0.5 * -logp[1, 2] + 0.5 * -logp[1, 0]) / 2  # 2, 3: a -1
+    assert terms["ce"].item() == pytest.approx(0.6 * by_hand.item(), rel=1e-6)
+
+
 def test_augmented_loss_augments_training_batches_by_epoch_and_row() -> None:
     seen = []
 

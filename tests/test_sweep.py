@@ -239,3 +239,38 @@ def test_sweep_refuses_a_run_that_is_no_teacher_before_it_starts(store: str, stu
     with pytest.raises(KdtrackError, match=f"run {cache_run} .* is a cache run, not a teacher"):
         sweep.run(cfg, {}, [0], force_restart=False, teacher_run_ids=[digits_teacher, cache_run])
     assert client.search_runs([experiment_id], "tags.`kdtrack.stage` = 'sweep'") == [] and fake.calls == []
+
+
+def test_the_description_links_every_student_and_marks_the_ones_another_run_owns(store: str):
+    """Each averaged student is linked by name; a student whose parent is not this sweep (reused from an earlier
+    pipeline or sweep) says whose child it is; one of this sweep, or with no parent, says nothing more."""
+    client = MlflowClient()
+    exp = client.create_experiment("sweep-describe")
+    sweep_run = client.create_run(exp, run_name="the-sweep").info.run_id
+    earlier = client.create_run(exp, run_name="an-earlier-pipeline").info.run_id
+    own = client.create_run(exp, run_name="own", tags={"mlflow.parentRunId": sweep_run}).info.run_id
+    reused = client.create_run(exp, run_name="reused", tags={"mlflow.parentRunId": earlier}).info.run_id
+    loose = client.create_run(exp, run_name="loose").info.run_id
+    text = sweep._describe(sweep_run, 3, {"kd.alpha": ["0.5"]}, [0, 1],
+                           [("a", 0, own), ("b", 1, reused), ("c", 1, loose)])
+    link = lambda name, run: f"[{name}](#/experiments/{exp}/runs/{run})"  # noqa: E731
+    assert text.splitlines() == [
+        "3 students: grid {'kd.alpha': ['0.5']}, seeds [0, 1]. Students averaged in results.csv:", "",
+        f"- a, seed 0: {link('own', own)}",
+        f"- b, seed 1: {link('reused', reused)} (reused, a child of {link('an-earlier-pipeline', earlier)})",
+        f"- c, seed 1: {link('loose', loose)}"]
+
+
+@pytest.mark.parametrize(("method", "combo", "several_seeds", "name"), [
+    ("kd", {"kd.alpha": "0.5", "student.optim.lr": "0.1", "kd.warmup_epochs": "2"}, True,
+     "student-kd-t4-a0.5-student.optim.lr=0.1-kd.warmup_epochs=2-seed1"),
+    ("kd", {"teacher_mode": "online", "kd.temperature": "2"}, False, "student-kd-t2-a0.7-online"),
+    ("none", {"kd.alpha": "0.5", "kd.warmup_epochs": "2", "teacher_mode": "online", "student.optim.lr": "0.1"}, False,
+     "student-none-student.optim.lr=0.1"),
+])
+def test_a_sweep_student_is_named_by_what_its_base_name_does_not_show(method, combo, several_seeds, name):
+    """The base name shows method, temperature, alpha and an online teacher; the other grid settings follow, less
+    the kd.* ones of a student that does not distil; the seed only when the sweep has several."""
+    cfg = config.load(DIGITS, [f"method={method}", "kd.temperature=4", "kd.alpha=0.7",
+                               *(f"{k}={v}" for k, v in combo.items())])
+    assert sweep.student_name(cfg, combo, 1, several_seeds) == name

@@ -88,7 +88,7 @@ def student_name(cfg: Config, combo: dict[str, str], seed: int, several_seeds: b
     """A student's run name within a sweep: `train_student.run_name`, then each grid setting that name does not show,
     then the seed when the sweep has several (`student-kd-t4-a0.5-seed1`)."""
     extra = [f"{k}={v}" for k, v in combo.items()
-             if k not in _IN_BASE_NAME and not (cfg.method == "none" and k.startswith(("kd.", "teacher_mode")))]
+             if k not in _IN_BASE_NAME and not (cfg.method == "none" and k.startswith("kd."))]
     return "-".join([train_student.run_name(cfg), *extra, *([f"seed{seed}"] if several_seeds else [])])
 
 
