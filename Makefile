@@ -53,11 +53,14 @@ $(EXTRAS_INSTALLED): setup.cfg pyproject.toml constraints.txt constraints-extras
 # Mutation testing of the modules that carry the promises (setup.cfg [mutmut]); long (hours on 2 cores), not part of
 # CI, resumable: it starts from the results saved in tests/mutation-state.json.gz (mutmut keeps those of unchanged
 # functions), saves them again when done, and writes the survivors, with the verdicts of
-# tests/mutation_verdicts.tsv, to tests/MUTATION.md. Stopped with Ctrl-C: `make mutate-report` saves and reports.
+# tests/mutation_verdicts.tsv, to tests/MUTATION.md. Survivors are run once more against the whole test files of
+# their function (scripts/mutation_recheck.py: mutmut misses the tests that share a module fixture).
+# Stopped with Ctrl-C: `make mutate-report` saves and reports.
 mutate: $(INSTALLED)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,mutate]'
 	$(PY) scripts/mutation_state.py restore
 	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2
+	$(PY) scripts/mutation_recheck.py
 	$(MAKE) mutate-report
 
 mutate-report:

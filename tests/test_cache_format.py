@@ -17,6 +17,7 @@ from kdtrack import __version__
 from kdtrack.cache.format import (MAX_CHUNK_BYTES, cache_key, chunk_bounds, chunk_rows_for, create_store,
                                   default_chunk_rows, done_flags, is_store, mark_complete, mark_incomplete, num_chunks,
                                   open_store, remove_store, store_nbytes)
+from kdtrack.cache.ids import decode_ids
 from kdtrack.errors import BadInput, CacheError
 
 ATTRS = {"teacher_run_id": "teach01", "checkpoint_sha256": "c" * 64, "dataset_digest": "d" * 64, "cache_key": "k",
@@ -114,6 +115,14 @@ def test_ids_are_also_stored_as_zero_padded_utf8_bytes(tmp_path):
         create_store(tmp_path / "n.zarr", sample_ids=["a\0b"], labels=[0], output_shape=(2,), dtype="float32",
                      chunk_rows=1, attrs=ATTRS)
     assert err.value.what == "sample id 'a\\x00b' holds a NUL character" and not (tmp_path / "n.zarr").exists()
+
+
+def test_utf8_id_rows_decode_to_ids_and_bytes_that_are_not_utf8_to_the_replacement_character():
+    """decode_ids reads any integer array of byte values (a plain list too), drops the zero padding, and decodes
+    bytes that are not UTF-8 as U+FFFD instead of failing (a store written by another tool may hold them)."""
+    rows = [[98, 47, 0xC3, 0xA9, 0], [97, 0, 0, 0, 0], [0xFF, 120, 0, 0, 0]]  # "b/é", "a", a lone 0xFF then "x"
+    assert decode_ids(rows) == ["b/é", "a", "\ufffdx"]
+    assert decode_ids(np.array(rows, dtype=np.int64)) == ["b/é", "a", "\ufffdx"]
 
 
 @pytest.mark.parametrize(("rows", "shape", "dtype", "requested", "expected"), [

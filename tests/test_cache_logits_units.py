@@ -534,7 +534,6 @@ def grown(built: str, digits_teacher: str, tmp_path_factory: pytest.TempPathFact
                            prior=len(_split_rows("train")))
 
 
-@pytest.mark.slow  # a two-rank cache build and its upload (~1 s on 2 cores)
 def test_two_ranks_end_one_finished_cache_run_with_the_store_uploaded(grown: SimpleNamespace, digits_teacher: str):
     lead, follow = grown.results
     assert isinstance(lead, str) and lead == follow

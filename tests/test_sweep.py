@@ -28,15 +28,18 @@ class Students:
         self.metrics, self.fail = metrics, fail
         self.teacher, self.cache = SimpleNamespace(run_id="teacher-run"), SimpleNamespace(run_id="cache-run")
         self.versions: list[str] = []
+        self.configs: list[config.Config] = []  # what the teacher (and cache) steps were given
         self.calls: list[tuple] = []
         self.run_names: list[str | None] = []
 
     def teacher_and_cache(self, cfg: config.Config, version: str):
         self.versions.append(version)
+        self.configs.append(cfg)
         return self.teacher, self.cache
 
     def given_teachers_and_caches(self, cfg: config.Config, teacher_run_ids: list[str], version: str):
         self.versions.append(version)
+        self.configs.append(cfg)
         teachers = [SimpleNamespace(run_id=t) for t in teacher_run_ids]
         return teachers, [SimpleNamespace(run_id=f"cache-of-{t}") for t in teacher_run_ids]
 
@@ -101,6 +104,7 @@ def test_sweep_table_csv_and_tags(store: str, students, capsys: pytest.CaptureFi
     assert all(c[2] == [fake.teacher] and c[3] == [fake.cache] and c[5] is True for c in fake.calls)
     (version,) = fake.versions
     assert isinstance(version, str) and version and all(c[4] == version for c in fake.calls)
+    assert fake.configs == [cfg]  # the teacher and its cache are of the sweep's config, not a student's
 
     assert capsys.readouterr().out == "\n".join([
         HEADER,
@@ -173,6 +177,10 @@ def test_a_sweep_with_every_student_failed_or_no_seeds(store: str, students):
     students({}, fail=(("kd.alpha=0.5", 0), ("kd.alpha=0.9", 0)))
     with pytest.raises(TrainingError, match=r"^all 2 sweep combinations failed"):
         sweep.run(_cfg("sweep-all-failed"), {"kd.alpha": ["0.5", "0.9"]}, [0], force_restart=False)
+    client = MlflowClient()
+    [parent] = client.search_runs([client.get_experiment_by_name("sweep-all-failed").experiment_id])
+    assert parent.info.status == "FAILED"  # and it still says what it was meant to be:
+    assert parent.data.tags["mlflow.note.content"] == "2 students: grid {'kd.alpha': ['0.5', '0.9']}, seeds [0]."
     with pytest.raises(BadInput, match="^no seeds given"):
         sweep.run(_cfg("sweep-all-failed"), {"kd.alpha": ["0.5"]}, [], force_restart=False)
 
@@ -217,8 +225,10 @@ def test_sweep_of_given_teacher_runs_trains_no_teacher(store: str, students, dig
     the config's teacher is not trained, and the parent names both."""
     fake = students({("kd.alpha=0.5", 0): {"val/acc": 0.5}})
     fake.teacher_and_cache = None  # a call would fail: no teacher is trained
-    parent = sweep.run(_cfg("sweep-given"), {"kd.alpha": ["0.5"]}, [0], force_restart=False,
+    cfg = _cfg("sweep-given")
+    parent = sweep.run(cfg, {"kd.alpha": ["0.5"]}, [0], force_restart=False,
                        teacher_run_ids=[digits_teacher, digits_teacher])
+    assert fake.configs == [cfg] and fake.versions == [tracking.code_version()]
     ((name, _cfg_used, teachers, caches, _version, _force),) = fake.calls
     assert name == "student-kd.alpha=0.5-seed0"
     assert [t.run_id for t in teachers] == [digits_teacher, digits_teacher]
