@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import mlflow
 import pytest
 from conftest import DIGITS
 from mlflow.tracking import MlflowClient
@@ -50,7 +51,9 @@ class Students:
         if key in self.fail:
             raise KdtrackError(f"student {name} diverged")
         client = MlflowClient()
-        run = client.create_run(client.get_experiment_by_name(cfg.experiment).experiment_id, run_name=run_name)
+        sweep_run = mlflow.active_run()  # a real student's run is started nested under the sweep's
+        run = client.create_run(client.get_experiment_by_name(cfg.experiment).experiment_id, run_name=run_name,
+                                tags={"mlflow.parentRunId": sweep_run.info.run_id})
         for metric, value in self.metrics[key].items():
             client.log_metric(run.info.run_id, metric, value)
         client.set_terminated(run.info.run_id)
@@ -150,6 +153,7 @@ def test_sweep_without_a_grid_is_one_default_combination(store: str, students, c
     fake = students({("default", 3): {"val/acc": 0.5, "best/val_acc": 0.5, "test/acc": 0.5}})
     parent = sweep.run(_cfg("sweep-default"), {}, [3], force_restart=False)
     assert [(c[0], c[1].seed, c[5]) for c in fake.calls] == [("student-default-seed3", 3, False)]
+    assert fake.run_names == ["student-kd-t4-a0.7"]  # digits.yaml's method, T and alpha; one seed: not named
     assert capsys.readouterr().out == "\n".join([
         HEADER, _line("default", 1, "  0.5000    (n=1)", "  0.5000    (n=1)", "  0.5000    (n=1)")]) + "\n"
     assert [(r["combination"], r["seeds"], r["val/acc mean"], r["val/acc std"]) for r in _csv_rows(parent, tmp_path)] \
