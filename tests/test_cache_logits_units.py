@@ -396,6 +396,8 @@ def test_run_many_nests_the_caches_of_several_teachers_under_one_parent(store: s
     [parent] = _runs_since(start, "cache-group")
     assert parent.info.run_name == "cache-2-teachers" and parent.info.status == "FINISHED"
     assert parent.data.tags["mlflow.note.content"] == f"Logit caches of teachers {t}, {t}."
+    params = parent.data.params  # what the group caches: the cache settings and its teachers, no row count
+    assert (params["cache.dtype"], params["teacher.run_ids"], "cache.rows" in params) == ("float16", f"{t},{t}", False)
     assert (parent.data.tags[f"{T}teacher_run_ids"], parent.data.tags[f"{T}cache_run_ids"]) == \
         (f"{t},{t}", f"{unfinished},{unfinished}")
     # force, no resume: two new caches, nested; the unfinished run of their key is left alone
