@@ -17,7 +17,7 @@ from kdtrack import __version__
 from kdtrack.cache.format import (MAX_CHUNK_BYTES, cache_key, chunk_bounds, chunk_rows_for, create_store,
                                   default_chunk_rows, done_flags, is_store, mark_complete, mark_incomplete, num_chunks,
                                   open_store, remove_store, store_nbytes)
-from kdtrack.cache.ids import decode_ids
+from kdtrack.cache.ids import decode_ids, encode_ids, id_width
 from kdtrack.errors import BadInput, CacheError
 
 ATTRS = {"teacher_run_id": "teach01", "checkpoint_sha256": "c" * 64, "dataset_digest": "d" * 64, "cache_key": "k",
@@ -115,6 +115,15 @@ def test_ids_are_also_stored_as_zero_padded_utf8_bytes(tmp_path):
         create_store(tmp_path / "n.zarr", sample_ids=["a\0b"], labels=[0], output_shape=(2,), dtype="float32",
                      chunk_rows=1, attrs=ATTRS)
     assert err.value.what == "sample id 'a\\x00b' holds a NUL character" and not (tmp_path / "n.zarr").exists()
+
+
+def test_ids_are_encoded_to_the_width_given_and_refused_when_they_do_not_fit_or_hold_nul():
+    """encode_ids pads to `width` bytes and never cuts an id or stores a NUL; no ids give (0, width) and width 1."""
+    assert encode_ids(["é", "ab"], 3).tolist() == [[0xC3, 0xA9, 0], [97, 98, 0]]
+    assert encode_ids([], 3).shape == (0, 3) and id_width([]) == 1
+    for ids, width in ((["abc"], 2), (["a\0"], 5)):  # three bytes in two; a NUL that would read as padding
+        with pytest.raises(BadInput, match="does not fit ids of"):
+            encode_ids(ids, width)
 
 
 def test_utf8_id_rows_decode_to_ids_and_bytes_that_are_not_utf8_to_the_replacement_character():
