@@ -19,31 +19,25 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from mutation_report import function
+
 ROOT = Path(__file__).resolve().parents[1]
 MUTANTS = ROOT / "mutants"
 TIMEOUT_S = 600
 KILLED = 1  # mutmut's exit code for a mutant a test failed on
 
 
-def _meta_files() -> dict[str, Path]:
-    """mutant name -> the mutants/**/*.py.meta file holding its result."""
+def _results() -> dict[str, tuple[Path, int | None]]:
+    """mutant name -> (the mutants/**/*.py.meta file holding its result, mutmut's exit code; 0: survived)."""
     found = {}
     for meta in MUTANTS.rglob("*.py.meta"):
-        for name in json.loads(meta.read_text()).get("exit_code_by_key", {}):
-            found[name] = meta
+        for name, code in json.loads(meta.read_text()).get("exit_code_by_key", {}).items():
+            found[name] = (meta, code)
     return found
 
 
-def _survivors(meta_files: dict[str, Path]) -> list[str]:
-    names = []
-    for meta in set(meta_files.values()):
-        names += [n for n, code in json.loads(meta.read_text())["exit_code_by_key"].items() if code == 0]
-    return sorted(names)
-
-
 def _test_files(name: str, tests_by_function: dict[str, list[str]]) -> list[str]:
-    function = name.rsplit("__mutmut_", 1)[0]
-    return sorted({test.split("::", 1)[0] for test in tests_by_function.get(function, [])})
+    return sorted({test.split("::", 1)[0] for test in tests_by_function.get(function(name), [])})
 
 
 def _fails(name: str, files: list[str]) -> bool:
@@ -60,20 +54,20 @@ def _fails(name: str, files: list[str]) -> bool:
 
 def main(names: list[str]) -> int:
     stats = json.loads((MUTANTS / "mutmut-stats.json").read_text())["tests_by_mangled_function_name"]
-    meta_files = _meta_files()
-    names = names or _survivors(meta_files)
+    results = _results()
+    names = names or sorted(name for name, (_meta, code) in results.items() if code == 0)
     killed: dict[Path, list[str]] = defaultdict(list)
-    clean: dict[tuple[str, ...], bool] = {}
+    clean: set[tuple[str, ...]] = set()  # test files seen passing with no mutant active
     for i, name in enumerate(names, 1):
         files = _test_files(name, stats)
         if files and tuple(files) not in clean:  # the same files must pass without a mutant, or no failure counts
-            clean[tuple(files)] = not _fails("none", files)
-            if not clean[tuple(files)]:
+            if _fails("none", files):
                 raise SystemExit(f"{', '.join(files)} fail(s) without a mutant: fix that first")
+            clean.add(tuple(files))
         verdict = "killed" if files and _fails(name, files) else "survived"
         print(f"[{i}/{len(names)}] {name}: {verdict} ({', '.join(files) or 'no tests'})", flush=True)
         if verdict == "killed":
-            killed[meta_files[name]].append(name)
+            killed[results[name][0]].append(name)
     for meta, dead in killed.items():  # mutmut may have written other results meanwhile: read, update, write
         data = json.loads(meta.read_text())
         data["exit_code_by_key"].update(dict.fromkeys(dead, KILLED))
