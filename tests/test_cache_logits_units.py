@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 import urllib.parse
@@ -26,7 +27,7 @@ import zarr
 from mlflow.tracking import MlflowClient
 
 from conftest import DIGITS
-from kdtrack import cache, config, tracking
+from kdtrack import cache, claims, config, tracking
 from kdtrack.data import dataset_digest, student_dataset
 from kdtrack.errors import CacheError, TeacherError
 from kdtrack.stages import cache_logits
@@ -325,6 +326,46 @@ def test_upload_store_of_no_store_raises_cache_error(store: str, tmp_path: Path)
     finally:
         MlflowClient().set_terminated(run_id)
     assert not (tmp_path / "logits.zarr.packed").exists() and _files(_artifacts(run_id)) == {}
+
+
+def test_a_cache_claim_is_one_per_key_and_teacher_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Under KDTRACK_CACHE_DIR/claims, one lock per cache key and teacher run saying what its holder does: a build
+    holding one never stops the build of another key or of another teacher run's cache of the same key."""
+    monkeypatch.setenv("KDTRACK_CACHE_DIR", str(tmp_path))
+
+    def sleep(seconds: float) -> None:  # a claim that would wait for this process's own other claim
+        raise AssertionError("waited for a claim this process holds")
+
+    monkeypatch.setattr(claims, "time", SimpleNamespace(sleep=sleep))
+    key, other = "a" * 64, "b" * 64
+    lock = tmp_path / "claims" / f"cache-{key}-t1.lock"
+    with cache_logits._claim(SimpleNamespace(run_id="t1"), SimpleNamespace(key=key)):
+        assert lock.read_text() == f"{os.getpid()} {socket.gethostname()} building cache aaaaaaaaaaaa\n"
+        with cache_logits.cache_claim(other, "t1", "verifying"), cache_logits.cache_claim(key, "t2"):
+            said = (tmp_path / "claims" / f"cache-{other}-t1.lock").read_text()
+            assert said.endswith(" verifying cache bbbbbbbbbbbb\n")
+        with pytest.raises(AssertionError, match="waited"):
+            with cache_logits.cache_claim(key, "t1"):
+                pass
+    assert sorted(p.name for p in (tmp_path / "claims").iterdir()) == \
+        [f"cache-{key}-t1.lock", f"cache-{key}-t2.lock", f"cache-{other}-t1.lock"]
+
+
+def test_a_cache_built_under_bf16_autocast_is_verified_under_it(store: str, digits_teacher: str, teacher,
+                                                                 capsys: pytest.CaptureFixture[str]):
+    """train.amp=bf16 rounds the teacher's activations as the cache is built, so verification re-runs it the same way
+    and allows bf16 rounding: 4 units of bf16's epsilon (2**-7) of the largest |logit|. An fp32 re-run would
+    differ from the cached rows by far more than fp32's 1e-4 and fail the build. train.progress=on: a bar of rows."""
+    sets = [*BOTH, "train.amp=bf16", "train.progress=on"]
+    run_id = cache_logits.run(_cfg(sets), digits_teacher, force=True)  # a key no other test reads
+    n = len(_split_rows("train", "unlabeled"))
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert bar.startswith("cache logits.zarr 100%|") and f" {n}/{n} [" in bar, bar
+    fidelity = zarr.open_group(str(_artifacts(run_id) / "logits.zarr"), mode="r").attrs["fidelity"]
+    assert fidelity["tolerance"] == pytest.approx(4 * 2**-7 * max(1.0, fidelity["max_abs_logit"]), rel=1e-12)
+    cached = zarr.open_group(str(_artifacts(run_id) / "logits.zarr"), mode="r")["logits"][:]
+    exact = _outputs(teacher, _split_rows("train", "unlabeled"))
+    assert 1e-3 < np.abs(cached - exact).max() <= fidelity["tolerance"]  # bf16 rounding, and only that
 
 
 # -------------------------------------------------------------------------------------- reuse and prior rows

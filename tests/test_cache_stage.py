@@ -42,10 +42,20 @@ def test_cache_run_lineage_and_contents(digits_teacher: str, digits_cache: str):
     rows = distillation_rows(build_dataset(config.load(DIGITS).data), ("train", "unlabeled"))
     assert tags["kdtrack.dataset_digest"] == dataset_digest(rows)
     assert run.inputs.dataset_inputs[0].dataset.digest == dataset_digest(rows)[:32]
-    assert run.data.metrics["fidelity/top1_agreement"] == 1.0
+    metrics = run.data.metrics
+    assert metrics["fidelity/top1_agreement"] == 1.0
+    # the build's figures, logged once at step 0: every row computed here, none copied from another cache
+    assert (metrics["build/rows_computed"], metrics["build/rows_copied"]) == (len(rows), 0)
+    assert metrics["build/seconds"] > 0
+    assert metrics["build/rows_per_s"] == pytest.approx(len(rows) / metrics["build/seconds"], rel=1e-9)
+    assert [(m.step, m.value) for m in MlflowClient().get_metric_history(digits_cache, "build/seconds")] == \
+        [(0, metrics["build/seconds"])]
     # A plain zarr client, no kdtrack code: the teacher's own forward gives the same numbers.
     group = zarr.open_group(str(_store_path(digits_cache)), mode="r")
     assert group.attrs["complete"] is True and group.attrs["format"] == "kdtrack.logits/2"
+    fidelity = group.attrs["fidelity"]  # the store carries the figures its run logged
+    assert (fidelity["rows_checked"], fidelity["top1_agreement"]) == (64, 1.0)  # cache.verify_rows
+    assert fidelity["max_abs_diff"] == metrics["fidelity/max_abs_diff"] <= fidelity["tolerance"]
     assert list(group["sample_ids"][:]) == rows.sample_ids
     teacher_model = load_teacher(digits_teacher, torch.device("cpu"))
     x, *_ = rows.with_normalisation(teacher_model.normalisation).batch(np.arange(len(rows)))

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -230,11 +231,70 @@ def test_cached_kd_fuses_the_pinned_caches_rows(teachers: dict[str, str], caches
                            cache_run_ids=pinned[:1])
 
 
+def test_cached_kd_splits_cache_memory_budget_mb_among_the_teachers(teachers: dict[str, str],
+                                                                     caches: dict[str, str]):
+    cfg = _cfg()
+    train = _rows(cfg)
+    loaded = [load_teacher(teachers["cached"], CPU), load_teacher(teachers["digits"], CPU)]
+    nbytes = len(train) * 10 * 4  # float32 logits of 10 classes per row: what one table holds in memory
+
+    def build(budget_bytes: int, count: int):
+        cfg = _cfg(f"cache.memory_budget_mb={budget_bytes / 2**20!r}")  # exact: a power-of-two divisor
+        pinned = [caches["older"], caches["digits"]][:count]
+        return build_distillation(cfg, loaded[:count], _student(cfg), train, dataset_digest(train), CPU,
+                                  cache_run_ids=pinned)
+
+    assert build(nbytes, 1).chunked is None  # fits exactly: held in memory
+    # a byte less and the table is read by chunks; this cache is one chunk, which that budget cannot hold
+    with pytest.raises(CacheError, match=f"memory budget {nbytes - 1} B holds no chunk"):
+        build(nbytes - 1, 1)
+    with pytest.raises(CacheError, match=f"memory budget {nbytes // 2} B holds no chunk"):  # half for each of two
+        build(nbytes, 2)
+
+
+def test_cached_kd_reads_the_store_by_sample_id_and_refuses_another_digest(teachers: dict[str, str],
+                                                                            caches: dict[str, str]):
+    """The store's rows are matched to the student's by sample id, not by position, and a store whose digest is not
+    these rows' is refused even when its run's tag says the same (the cache key alone would not tell)."""
+    cfg = _cfg()
+    train = _rows(cfg)
+    teacher = load_teacher(teachers["cached"], CPU)
+    run = caches["older"]
+    store = tracking.local_artifact_dir(run) / "logits.zarr"
+    kept, tag = store.with_name("kept.zarr"), "kdtrack.dataset_digest"
+    digest, claimed = dataset_digest(train), _tags(run)[tag]
+    shutil.copytree(store, kept)
+    try:
+        group = zarr.open_group(str(store), mode="r+")
+        for name in ("sample_ids", "logits"):  # rows 0 and 1 change places, ids and logits alike
+            values = group[name][:]
+            values[[0, 1]] = values[[1, 0]]
+            group[name][:] = values
+        rows = np.array([0, 1, 2])
+        distill = build_distillation(cfg, [teacher], _student(cfg), train, digest, CPU, cache_run_ids=[run])
+        served = distill.loss.teacher_logits_fn(train.batch(rows)).double().numpy()
+        by_id = _zarr_logits(run, [train.sample_ids[r] for r in rows])
+        assert np.abs(by_id[0] - by_id[1]).max() > 0.1
+        np.testing.assert_allclose(served, by_id, rtol=0, atol=1e-6)
+
+        group.attrs["dataset_digest"] = "0" * 64
+        MlflowClient().set_tag(run, tag, "0" * 64)
+        with pytest.raises(CacheError, match=f"is for dataset 000000000000, not for this dataset {digest[:12]}"):
+            build_distillation(cfg, [teacher], _student(cfg), train, digest, CPU, cache_run_ids=[run])
+    finally:
+        MlflowClient().set_tag(run, tag, claimed)
+        shutil.rmtree(store)
+        kept.rename(store)
+
+
 def test_build_missing_cache_builds_one_for_these_rows(teachers: dict[str, str], caches: dict[str, str]):
     cfg = _cfg("data.seed=7")  # another split: rows no cache of this teacher holds
     train = _rows(cfg)
     before = _complete_caches_of(teachers["cached"])
     teacher = load_teacher(teachers["cached"], CPU)
+    with pytest.raises(CacheNotFound):  # not unless asked for
+        build_distillation(cfg, [teacher], _student(cfg), train, dataset_digest(train), CPU)
+    assert _complete_caches_of(teachers["cached"]) == before
     distill = build_distillation(cfg, [teacher], _student(cfg), train, dataset_digest(train), CPU,
                                  build_missing_cache=True)
     (ref,) = distill.caches
