@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 
@@ -183,6 +184,16 @@ def one_thread_everywhere() -> Iterator[None]:
         os.environ.pop("OMP_NUM_THREADS", None)
     else:
         os.environ["OMP_NUM_THREADS"] = saved[0]
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store_follows_the_environment() -> Iterator[None]:
+    """mlflow.set_tracking_uri, which tracking.configure() calls, is global to the process: a test that points
+    MLFLOW_TRACKING_URI at another store (monkeypatched, so put back afterwards) would leave mlflow's default store
+    there for the next test's MlflowClient(). After each test mlflow follows the environment again. (Runs after
+    monkeypatch's undo: autouse fixtures are set up first, so torn down last.)"""
+    yield
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))  # None: unset, mlflow's own default
 
 
 @pytest.fixture(scope="module")

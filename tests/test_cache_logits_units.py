@@ -358,13 +358,15 @@ def test_a_cache_built_under_bf16_autocast_is_verified_under_it(store: str, digi
     differ from the cached rows by far more than fp32's 1e-4 and fail the build. train.progress=on: a bar of rows."""
     sets = [*BOTH, "train.amp=bf16", "train.progress=on"]
     run_id = cache_logits.run(_cfg(sets), digits_teacher, force=True)  # a key no other test reads
-    n = len(_split_rows("train", "unlabeled"))
+    rows = _split_rows("train", "unlabeled")
+    n = len(rows)
     bar = capsys.readouterr().err.split("\r")[-1]
     assert bar.startswith("cache logits.zarr 100%|") and f" {n}/{n} [" in bar, bar
-    fidelity = zarr.open_group(str(_artifacts(run_id) / "logits.zarr"), mode="r").attrs["fidelity"]
+    group = zarr.open_group(str(_artifacts(run_id) / "logits.zarr"), mode="r")
+    fidelity = group.attrs["fidelity"]
     assert fidelity["tolerance"] == pytest.approx(4 * 2**-7 * max(1.0, fidelity["max_abs_logit"]), rel=1e-12)
-    cached = zarr.open_group(str(_artifacts(run_id) / "logits.zarr"), mode="r")["logits"][:]
-    exact = _outputs(teacher, _split_rows("train", "unlabeled"))
+    cached = group["logits"][:]
+    exact = _outputs(teacher, rows)
     assert 1e-3 < np.abs(cached - exact).max() <= fidelity["tolerance"]  # bf16 rounding, and only that
 
 

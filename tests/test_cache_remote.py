@@ -446,7 +446,7 @@ def _logged_cache_run(unpacked: Path, tags: dict[str, str], attrs: dict | None =
     group = zarr.open_group(unpacked, mode="r")
     claimed = {f"kdtrack.{name}": str(group.attrs[name])
                for name in ("cache_key", "teacher_run_id", "checkpoint_sha256", "dataset_digest")}
-    client = tracking.configure()  # the session store (an earlier test may have pointed mlflow at a server)
+    client = tracking.configure()
     experiment = client.get_experiment_by_name("cache-fetch") or client.create_experiment("cache-fetch")
     experiment_id = experiment if isinstance(experiment, str) else experiment.experiment_id
     run_id = client.create_run(experiment_id, tags={"kdtrack.stage": "cache", **claimed, **tags}).info.run_id

@@ -231,6 +231,36 @@ def test_cached_kd_fuses_the_pinned_caches_rows(teachers: dict[str, str], caches
                            cache_run_ids=pinned[:1])
 
 
+def test_cached_kd_under_mixup_mixes_each_samples_cached_targets_as_the_inputs(teachers: dict[str, str],
+                                                                              caches: dict[str, str]):
+    """A cache holds each sample's own outputs; mixup mixes inputs i and partner j as λ·x_i + (1-λ)·x_j, so the
+    cached targets must be mixed the same way: λ·p_i + (1-λ)·p_j."""
+    cfg = _cfg("data.augment=[mixup(alpha=1)]")
+    train = _rows(cfg)
+    student = _student(cfg)
+    distill = build_distillation(cfg, [load_teacher(teachers["cached"], CPU)], student, train, dataset_digest(train),
+                                 CPU, cache_run_ids=[caches["middle"]])
+    seen = []  # the batch the KD loss got: mixed inputs and the Mix that made them
+
+    def recorded(model, batch, epoch):
+        seen.append(batch)
+        return distill.loss(model, batch, epoch)
+
+    distill.training_loss.loss = recorded
+    rows = np.arange(len(train))[::-37].copy()
+    _, terms = distill.training_loss(student, train.batch(rows), 0)
+    x, mix = seen[0][0], seen[0][4]
+    assert (mix.partner != torch.arange(len(rows))).any() and (mix.lam < 0.99).any()  # samples were mixed
+    logits = torch.from_numpy(_zarr_logits(caches["middle"], [train.sample_ids[r] for r in rows]))
+    p = torch.softmax(logits / 4, dim=1)  # kd.temperature 4 (experiments/digits.yaml)
+    lam = mix.lam.double()[:, None]
+    target = lam * p + (1 - lam) * p[mix.partner]
+    with torch.no_grad():
+        log_q = torch.log_softmax(student(x).double() / 4, dim=1)
+    kl = (target * (target.log() - log_q)).sum(dim=1).mean()
+    assert terms["kd"].item() == pytest.approx(0.7 * 16 * kl.item(), rel=1e-4)  # kd.alpha 0.7, T² 16
+
+
 def test_cached_kd_splits_cache_memory_budget_mb_among_the_teachers(teachers: dict[str, str],
                                                                      caches: dict[str, str]):
     cfg = _cfg()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -215,11 +214,9 @@ def test_artifact_downloads_draw_no_progress_bars_on_stderr(store: str, monkeypa
     assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "true"
 
 
-def test_clients_are_kept_for_the_last_eight_stores_of_this_process(store: str, monkeypatch, request) -> None:
+def test_clients_are_kept_for_the_last_eight_stores_of_this_process(store: str, monkeypatch) -> None:
     """The clients configure() keeps are bounded: eight stores, the least recently made client let go first, and
     none of a parent process's clients in a forked one. (Clients of http stores: made without contacting one.)"""
-    previous = mlflow.get_tracking_uri()  # configure() sets mlflow's own default store; later tests read it
-    request.addfinalizer(lambda: mlflow.set_tracking_uri(previous))
     for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.delenv(key, raising=False)  # configure() sets these for an http store; restored afterwards
     monkeypatch.setattr(tracking, "_clients", {})
