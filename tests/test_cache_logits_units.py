@@ -206,6 +206,36 @@ def test_plan_for_keys_the_rows_with_and_without_their_digest(teacher):
     assert given.compute_key == _key(teacher, splits, "float16", digest="")
 
 
+def test_plan_for_keys_the_views_their_seed_and_ops(teacher):
+    """A cache of augmented views holds K outputs per row; which views they are (count, seed, ops) is in its key, so
+    caches of the same shape but other views are never taken for each other."""
+    rows = cache_logits.cache_rows(_cfg(TRAIN), teacher)
+    digest = dataset_digest(_student().take(_split_rows("train")))
+
+    def planned(seed: int, std: float) -> cache_logits._Plan:
+        sets = [*TRAIN, f"data.augment=[noise(std={std})]", "cache.views=2", f"cache.view_seed={seed}"]
+        return cache_logits.plan_for(_cfg(sets), teacher, rows, CPU)
+
+    plan = planned(5, 0.1)
+    views = {"count": 2, "seed": 5, "ops": ["noise(std=0.1)"]}
+    assert plan.output_shape == (2, 10)
+    assert plan.key == cache.cache_key(checkpoint_sha256=teacher.checkpoint_sha256, dataset_digest=digest,
+                                       splits=["train"], dtype="float32", output_shape=[2, 10],
+                                       normalisation=teacher.normalisation.to_dict(), views=views)
+    assert len({plan.key, planned(6, 0.1).key, planned(5, 0.2).key}) == 3
+
+
+def test_a_teacher_of_another_class_count_is_cached_when_its_inputs_fit(digits_teacher: str):
+    """A cache holds whatever the teacher outputs (signals of any shape too): a 10-class digits teacher over
+    5-class data of the same (1, 8, 8) inputs is planned with its own 10 outputs; only the input shape must fit."""
+    sets = ["data.source=synthetic", "data.num_classes=5", "data.num_samples=60", "cache.splits=[train]"]
+    teacher, rows, plan = cache_logits._prepare(_cfg([*BASE, *sets]), digits_teacher, CPU)
+    assert teacher.spec.num_classes == 10 and rows.num_classes == 5 and plan.output_shape == (10,)
+    with pytest.raises(TeacherError, match=r"takes inputs of shape \(1, 8, 8\) but the data's samples have shape "
+                                           r"\(1, 4, 4\)"):
+        cache_logits._prepare(_cfg([*BASE, *sets, "data.input_shape=[1,4,4]"]), digits_teacher, CPU)
+
+
 def test_store_path_is_in_the_run_artifacts_or_a_build_folder_of_the_key(built: str, monkeypatch):
     plan = SimpleNamespace(key="k" * 64)
     assert cache_logits._store_path(built, plan) == _artifacts(built) / "logits.zarr"
