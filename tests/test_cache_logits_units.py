@@ -400,6 +400,26 @@ def test_a_cache_built_under_bf16_autocast_is_verified_under_it(store: str, digi
     assert 1e-3 < np.abs(cached - exact).max() <= fidelity["tolerance"]  # bf16 rounding, and only that
 
 
+def test_force_and_no_resume_recompute_a_failed_store_left_in_the_build_folder(digits_teacher: str, monkeypatch):
+    """With a remote artifact store a cache is filled in KDTRACK_CACHE_DIR/builds/<key> and uploaded once verified;
+    a build that fails there leaves its store. The default resumes its chunks; --force and --no-resume compute
+    every row again. (Verification fails here by plan, after the fill: every build leaves its store.)"""
+    cfg = _cfg([*BASE, "cache.splits=[val]", "cache.allow_splits=[val]"])  # a key no other test builds
+    computed = []
+
+    def failing_finish(cfg, tracked, path, teacher, rows, stats, device):
+        computed.append(stats.rows_computed)
+        raise CacheError("planted verification failure")
+
+    monkeypatch.setattr(tracking, "local_artifact_dir", lambda run_id: None)  # every artifact is uploaded
+    monkeypatch.setattr(cache_logits, "_finish", failing_finish)
+    for kwargs in ({"force": True}, {"force": True}, {"resume": False}, {}):
+        with pytest.raises(CacheError, match="planted verification failure"):
+            cache_logits.run(cfg, digits_teacher, **kwargs)
+    n = len(_split_rows("val"))
+    assert computed == [n, n, n, 0]
+
+
 # -------------------------------------------------------------------------------------- reuse and prior rows
 
 def test_reusable_passes_over_a_broken_candidate_and_tags_the_launcher(built: str, teacher, monkeypatch, capsys):
