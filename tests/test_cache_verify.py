@@ -292,6 +292,15 @@ def test_store_that_disagrees_with_its_attributes_fails_before_reading_chunks(go
         "FAIL integrity: arrays ['labels'] are missing"]
 
 
+def test_utf8_ids_of_any_width_but_not_of_another_rank_pass_the_schema(good: Path) -> None:
+    """`sample_ids_utf8` is (rows, width) for any width: one of one dimension or of three is a schema error."""
+    group = zarr.open_group(good, mode="r+")
+    for shape, error in (((N, 3), None), ((N,), f"shape ({N},), attributes say ({N}, 0)"),
+                         ((N, 8, 2), f"shape ({N}, 8, 2), attributes say ({N}, 8)")):
+        group.create_array("sample_ids_utf8", shape=shape, dtype="uint8", overwrite=True)
+        assert check_integrity(group).schema_errors == ([f"sample_ids_utf8 has {error}"] if error else [])
+
+
 def test_every_finding_of_every_chunk_is_named(good: Path) -> None:
     """Each chunk's reason lists all its problems; NaN rows are counted over all chunks, the first ten named."""
     group = zarr.open_group(good, mode="r+")
