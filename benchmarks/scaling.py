@@ -98,8 +98,10 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     peak = _hwm_bytes() if method == "VmHWM" else _maxrss_bytes()
     cache.remove_store(job["path"])
     device_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return {"rows": job["rows"], "seconds": seconds, "peak_extra_bytes": peak - before, "rss_before_bytes": before,
-            "device_peak_bytes": device_peak, "peak_method": method}
+    # the kernel's RSS counters are kept per thread and summed lazily (a few pages behind), so a build that added
+    # nothing can read a few pages below its start: that is no memory added, not negative memory
+    return {"rows": job["rows"], "seconds": seconds, "peak_extra_bytes": max(peak - before, 0),
+            "rss_before_bytes": before, "device_peak_bytes": device_peak, "peak_method": method}
 
 
 def _reset_peak() -> str:

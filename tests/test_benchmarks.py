@@ -86,6 +86,16 @@ def test_scaling_child_reports_one_build(tmp_path: Path) -> None:
     assert not (tmp_path / "s.zarr").exists()  # each child removes its store
 
 
+def test_scaling_child_reports_no_memory_added_when_the_peak_reads_below_the_start(tmp_path: Path, monkeypatch) -> None:
+    """Lazily summed RSS counters can put the peak a few pages below the start: no memory added, not negative."""
+    monkeypatch.setattr(scaling, "_reset_peak", lambda: "VmHWM")
+    monkeypatch.setattr(scaling, "_rss_bytes", lambda: 2**30)
+    monkeypatch.setattr(scaling, "_hwm_bytes", lambda: 2**30 - 16384)
+    job = {"rows": 16, "path": str(tmp_path / "s.zarr"), "device": "cpu", "threads": 1, "input_shape": [1, 4, 4],
+           "num_classes": 5, "batch_size": 16}
+    assert scaling.child(job)["peak_extra_bytes"] == 0
+
+
 def test_ratio_figure_and_target_by_hand() -> None:
     raw = {"a": [2.0, 9.0, 6.0], "b": [1.0, 3.0, 2.0]}
     f = Figure.ratio("a / b", raw, "a", "b", Target("<=", 2.5))
