@@ -400,11 +400,14 @@ def test_a_cache_built_under_bf16_autocast_is_verified_under_it(store: str, digi
     assert 1e-3 < np.abs(cached - exact).max() <= fidelity["tolerance"]  # bf16 rounding, and only that
 
 
-def test_force_and_no_resume_recompute_a_failed_store_left_in_the_build_folder(digits_teacher: str, monkeypatch):
+def test_force_and_no_resume_recompute_a_failed_store_left_in_the_build_folder(digits_teacher: str, monkeypatch,
+                                                                               tmp_path: Path):
     """With a remote artifact store a cache is filled in KDTRACK_CACHE_DIR/builds/<key> and uploaded once verified;
     a build that fails there leaves its store. The default resumes its chunks; --force and --no-resume compute
     every row again. (Verification fails here by plan, after the fill: every build leaves its store.)"""
-    cfg = _cfg([*BASE, "cache.splits=[val]", "cache.allow_splits=[val]"])  # a key no other test builds
+    path = tmp_path / "leftover_indices.json"  # split `leftover`: a key no other test builds (val rows alone would
+    path.write_text(json.dumps(_split_rows("val")[:200].tolist()))  # be any test's val cache of this teacher)
+    cfg = _cfg([*TRAIN, f"cache.split_files=[{path}]", "cache.allow_splits=[val,leftover]"])
     computed = []
 
     def failing_finish(cfg, tracked, path, teacher, rows, stats, device):
@@ -416,7 +419,7 @@ def test_force_and_no_resume_recompute_a_failed_store_left_in_the_build_folder(d
     for kwargs in ({"force": True}, {"force": True}, {"resume": False}, {}):
         with pytest.raises(CacheError, match="planted verification failure"):
             cache_logits.run(cfg, digits_teacher, **kwargs)
-    n = len(_split_rows("val"))
+    n = len(_split_rows("train")) + 200
     assert computed == [n, n, n, 0]
 
 
