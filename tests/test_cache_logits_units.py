@@ -60,12 +60,14 @@ def _split_rows(*splits: str) -> np.ndarray:
     return np.flatnonzero(np.isin(_student().splits, splits))
 
 
-def _key(teacher, splits: tuple[str, ...], dtype: str = "float32", digest: str | None = None) -> str:
+def _key(teacher, splits: tuple[str, ...], dtype: str = "float32", digest: str | None = None, *,
+         output_shape: tuple[int, ...] = (10,), views: dict | None = None) -> str:
     """The cache key of `teacher` over the rows of `splits` in data order, from cache.cache_key's own arguments."""
     rows = _student().take(_split_rows(*splits))
     return cache.cache_key(checkpoint_sha256=teacher.checkpoint_sha256,
                            dataset_digest=dataset_digest(rows) if digest is None else digest, splits=list(splits),
-                           dtype=dtype, output_shape=[10], normalisation=teacher.normalisation.to_dict())
+                           dtype=dtype, output_shape=list(output_shape), normalisation=teacher.normalisation.to_dict(),
+                           views=views)
 
 
 def _outputs(teacher, rows: np.ndarray) -> np.ndarray:
@@ -210,7 +212,6 @@ def test_plan_for_keys_the_views_their_seed_and_ops(teacher):
     """A cache of augmented views holds K outputs per row; which views they are (count, seed, ops) is in its key, so
     caches of the same shape but other views are never taken for each other."""
     rows = cache_logits.cache_rows(_cfg(TRAIN), teacher)
-    digest = dataset_digest(_student().take(_split_rows("train")))
 
     def planned(seed: int, std: float) -> cache_logits._Plan:
         sets = [*TRAIN, f"data.augment=[noise(std={std})]", "cache.views=2", f"cache.view_seed={seed}"]
@@ -219,9 +220,7 @@ def test_plan_for_keys_the_views_their_seed_and_ops(teacher):
     plan = planned(5, 0.1)
     views = {"count": 2, "seed": 5, "ops": ["noise(std=0.1)"]}
     assert plan.output_shape == (2, 10)
-    assert plan.key == cache.cache_key(checkpoint_sha256=teacher.checkpoint_sha256, dataset_digest=digest,
-                                       splits=["train"], dtype="float32", output_shape=[2, 10],
-                                       normalisation=teacher.normalisation.to_dict(), views=views)
+    assert plan.key == _key(teacher, ("train",), output_shape=(2, 10), views=views)
     assert len({plan.key, planned(6, 0.1).key, planned(5, 0.2).key}) == 3
 
 
