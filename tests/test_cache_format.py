@@ -140,6 +140,7 @@ def test_utf8_id_rows_decode_to_ids_and_bytes_that_are_not_utf8_to_the_replaceme
     (1000, (1024, 1024), "float32", None, 1),  # one 4 MiB row: one row a chunk, not 256 (1 GiB)
     (1000, (5000,), "float32", None, 209),  # 20000 B rows: 4 MiB holds 209, fewer than 256
     (70, (3,), "float32", 10**6, 70),  # an explicit request is capped at the row count too
+    (1, (3,), "float32", 8, 1),  # down to one row
     (10**6, (1024,), "float32", 65536, 65536),  # 65536 x 4 KiB = 256 MiB: the largest chunk allowed
     (5, (2**28,), "float16", 1, 1),  # each row alone is 512 MiB: one row a chunk is still allowed
 ])
@@ -156,6 +157,9 @@ def test_a_requested_chunk_above_the_bound_is_refused():
     assert err.value.what == ("chunk_rows=65537 gives chunks of 268,439,552 B of logits, more than 268,435,456 B "
                               "(256 MiB)")  # 65537 * 4096 and 2**28
     assert err.value.fix == "use chunk_rows <= 65536, or 0 for about 4 MiB per chunk"
+    with pytest.raises(BadInput, match="chunk_rows=2 gives chunks of 268,435,464 B") as err:  # 2 rows of 2**27 + 4 B
+        chunk_rows_for(10, (2**25 + 1,), "float32", 2)
+    assert err.value.fix == "use chunk_rows <= 1, or 0 for about 4 MiB per chunk"
 
 
 @pytest.mark.parametrize(("ids", "labels", "chunk_rows"), [
@@ -320,13 +324,37 @@ def test_a_killed_creation_is_cleaned_up_but_a_live_one_is_kept(tmp_path):
         os.close(fd)
 
 
+def test_a_stale_creation_another_cleaner_removes_first_does_not_fail_the_creation(tmp_path, monkeypatch):
+    """Two creations clean up at once: one opens a stale folder, the other removes it and lets go of its lock, the
+    first then takes the lock of a folder that is gone. Its creation goes on."""
+    path = tmp_path / "logits.zarr"
+    stale = tmp_path / ".logits.zarr.creating-dead"
+    (stale / "sub").mkdir(parents=True)
+    real_flock = fcntl.flock
+
+    def other_cleaner_was_first(fd: int, operation: int) -> None:
+        real_flock(fd, operation)
+        if operation & fcntl.LOCK_NB and stale.exists():  # the cleanup's try-lock, not the creation's own lock
+            shutil.rmtree(stale)
+
+    monkeypatch.setattr(fcntl, "flock", other_cleaner_was_first)
+    new_store(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logits.zarr"]
+
+
 def test_cache_key_is_the_sha256_of_a_compact_sorted_json():
-    """The cache key is sha256 of compact, key-sorted JSON; NaN is refused."""
+    """The cache key is sha256 of compact, key-sorted JSON (with the views of a views cache); NaN is refused."""
     key = cache_key(checkpoint_sha256="c1", dataset_digest="d1", splits=["val", "train"], dtype="float16",
                     output_shape=[10], normalisation={"std": 2, "mean": 1}, topk=5)
     canonical = ('{"checkpoint_sha256":"c1","dataset_digest":"d1","dtype":"float16","format":"kdtrack.logits/2",'
                  '"normalisation":{"mean":1.0,"std":2.0},"output_shape":[10],"splits":["train","val"],"topk":5}')
     assert key == hashlib.sha256(canonical.encode()).hexdigest()
+    views = cache_key(checkpoint_sha256="c1", dataset_digest="d1", splits=["train"], dtype="float32",
+                      output_shape=[2, 10], normalisation=None, views={"count": 2, "seed": 5, "ops": ["noise(std=0.1)"]})
+    canonical = ('{"checkpoint_sha256":"c1","dataset_digest":"d1","dtype":"float32","format":"kdtrack.logits/2",'
+                 '"normalisation":null,"output_shape":[2,10],"splits":["train"],"topk":null,'
+                 '"views":{"count":2,"ops":["noise(std=0.1)"],"seed":5}}')
+    assert views == hashlib.sha256(canonical.encode()).hexdigest()
     with pytest.raises(ValueError):  # NaN has no canonical JSON form
         cache_key(checkpoint_sha256="c1", dataset_digest="d1", splits=["train"], dtype="float16",
                   output_shape=[10], normalisation={"mean": float("nan"), "std": 1.0})

@@ -287,6 +287,19 @@ def test_a_failed_write_to_a_readable_shard_leaves_it_alone(unpacked: Path, tmp_
     assert shard.read_bytes() == good
 
 
+def test_a_failed_write_to_an_unsharded_store_raises_the_writes_own_error(unpacked: Path, tmp_path: Path):
+    """Salvage is for shards only: in a store of one object per chunk the failing write's ValueError is raised as
+    it is, and the chunk's object is not touched."""
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(unpacked, store)
+    chunk = store / "logits" / "c" / "4" / "0"
+    good = chunk.read_bytes()
+    logits = zarr.open_group(store, mode="r+")["logits"]
+    with pytest.raises(ValueError, match="could not broadcast"):
+        _write_rows(logits, 4 * CHUNK_ROWS, np.zeros((CHUNK_ROWS, 4), dtype=np.float32))  # 4 columns, not 5
+    assert chunk.read_bytes() == good
+
+
 def test_a_shard_is_salvaged_only_when_a_chunk_of_it_does_not_decode(unpacked: Path, tmp_path: Path):
     """The rows of the shard holding a row, in the array's dtype, fill values where a chunk does not decode; nothing
     (None) when every chunk of that shard decodes."""
