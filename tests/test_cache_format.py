@@ -350,7 +350,8 @@ def test_cache_key_is_the_sha256_of_a_compact_sorted_json():
                  '"normalisation":{"mean":1.0,"std":2.0},"output_shape":[10],"splits":["train","val"],"topk":5}')
     assert key == hashlib.sha256(canonical.encode()).hexdigest()
     views = cache_key(checkpoint_sha256="c1", dataset_digest="d1", splits=["train"], dtype="float32",
-                      output_shape=[2, 10], normalisation=None, views={"count": 2, "seed": 5, "ops": ["noise(std=0.1)"]})
+                      output_shape=[2, 10], normalisation=None,
+                      views={"count": 2, "seed": 5, "ops": ["noise(std=0.1)"]})
     canonical = ('{"checkpoint_sha256":"c1","dataset_digest":"d1","dtype":"float32","format":"kdtrack.logits/2",'
                  '"normalisation":null,"output_shape":[2,10],"splits":["train"],"topk":null,'
                  '"views":{"count":2,"ops":["noise(std=0.1)"],"seed":5}}')
