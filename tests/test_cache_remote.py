@@ -274,30 +274,22 @@ def test_a_corrupt_labels_shard_index_is_repaired(unpacked: Path, tmp_path: Path
     assert verify(packed).passed and contents(packed) == contents(unpacked)
 
 
-def test_a_failed_write_to_a_readable_shard_leaves_it_alone(unpacked: Path, tmp_path: Path):
-    """A write that fails while every chunk of its shard decodes is not corruption: the error is raised and the
-    shard object is not touched."""
-    packed = tmp_path / "packed.zarr"
-    pack(unpacked, packed, shard_bytes=3000)
-    shard = packed / "logits" / "c.1.0"
-    good = shard.read_bytes()
-    logits = zarr.open_group(packed, mode="r+")["logits"]
-    with pytest.raises(ValueError, match="could not broadcast"):
-        _write_rows(logits, 4 * CHUNK_ROWS, np.zeros((CHUNK_ROWS, 4), dtype=np.float32))  # 4 columns, not 5
-    assert shard.read_bytes() == good
-
-
-def test_a_failed_write_to_an_unsharded_store_raises_the_writes_own_error(unpacked: Path, tmp_path: Path):
-    """Salvage is for shards only: in a store of one object per chunk the failing write's ValueError is raised as
-    it is, and the chunk's object is not touched."""
-    store = tmp_path / "copy.zarr"
-    shutil.copytree(unpacked, store)
-    chunk = store / "logits" / "c" / "4" / "0"
-    good = chunk.read_bytes()
+@pytest.mark.parametrize(("packed", "written"), [(True, "c.1.0"), (False, "c/4/0")])
+def test_a_failed_write_to_readable_chunks_raises_its_own_error_and_leaves_them_alone(
+        unpacked: Path, tmp_path: Path, packed: bool, written: str):
+    """A write that fails while every chunk it touches decodes is not corruption: numpy's ValueError is raised as it
+    is, and the object holding those rows (a shard, or in an unpacked store the chunk itself) is not touched."""
+    store = tmp_path / "store.zarr"
+    if packed:
+        pack(unpacked, store, shard_bytes=3000)  # logits shard c.1.0 holds chunks 4..7
+    else:
+        shutil.copytree(unpacked, store)
+    target = store / "logits" / written
+    good = target.read_bytes()
     logits = zarr.open_group(store, mode="r+")["logits"]
     with pytest.raises(ValueError, match="could not broadcast"):
         _write_rows(logits, 4 * CHUNK_ROWS, np.zeros((CHUNK_ROWS, 4), dtype=np.float32))  # 4 columns, not 5
-    assert chunk.read_bytes() == good
+    assert target.read_bytes() == good
 
 
 def test_a_shard_is_salvaged_only_when_a_chunk_of_it_does_not_decode(unpacked: Path, tmp_path: Path):
