@@ -410,19 +410,25 @@ def test_a_model_that_cannot_take_the_data_fails_after_one_file(tmp_path: Path, 
 
 
 _MEMORY_SCRIPT = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     from pathlib import Path
     import numpy as np
     from kdtrack.data import dataset_digest, fit_normalisation, load_manifest, make_loader
+
+    def peak_kib():
+        # this process's own peak resident memory: VmHWM starts anew at exec, whereas ru_maxrss keeps the peak of
+        # the parent it was started from (a test session of several hundred MiB would hide the growth measured here)
+        with open("/proc/self/status") as status:
+            return int(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+
     path, lazy = Path(sys.argv[1]), sys.argv[2] == "lazy"
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_kib()
     ds = load_manifest(path, lazy=lazy)
     digest = dataset_digest(ds)
     train = ds.select(["train"])
     train = train.with_normalisation(fit_normalisation(train))
     rows = sum(len(b[0]) for b in make_loader(train, 256, shuffle=True, seed=0))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"kib": peak - base, "rows": rows}))
+    print(json.dumps({"kib": peak_kib() - base, "rows": rows}))
 """)
 
 
@@ -451,7 +457,7 @@ def test_peak_memory_of_index_and_epoch_is_flat_from_2000_to_20000_files(tmp_pat
     eager, _ = _peak_kib(paths[20000], "eager")
     assert (rows_small, rows_large) == (2000, 20000)
     data_kib = 20000 * sample.nbytes // 1024  # 156 MiB
-    # the measure sees the data when a dataset holds it (ru_maxrss counts growth above the peak of the imports, so
+    # the measure sees the data when a dataset holds it (the peak counts growth above the peak of the imports, so
     # not all of it: 137 of 156 MiB in one run)
     assert eager - large > data_kib * 0.5, (large, eager)
     # generous bounds: a quarter of what eager loading grows by, and 4 KiB of index per file (measured: ~1.7 KiB)
