@@ -28,13 +28,15 @@ demo: $(INSTALLED)
 	@$(PY) -c 'from kdtrack import tracking; print("  " + tracking.runs_view_url("digits-transfer", "kdtrack-students"))'
 
 # Everything, the tests marked slow (servers, PostgreSQL, mlflow run, torchrun, forked faults) included; CI runs this.
+# Bytecode is written (__pycache__/, ignored by git) even where PYTHONDONTWRITEBYTECODE is set: otherwise every test
+# process and every child a test starts compiles kdtrack and the tests anew, some 5 s each on 2 cores.
 test: $(INSTALLED)
-	$(PY) -m pytest -q
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q
 
 # The suite less the tests marked slow, on two pytest-xdist workers (each with its own tracking store), a test
 # module per worker, so that a module's fixtures are built once.
 test-fast: $(INSTALLED)
-	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadscope
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -m "not slow" -n 2 --dist loadscope
 
 # The tests marked extras (torchvision and timm models as teachers), in their own venv: .venv's CPU torch has no
 # torchvision on PyPI to match it (constraints-extras.txt). The GPU is hidden: these tests are CPU tests too.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -369,14 +370,26 @@ def download_artifact(run_id: str, artifact_path: str, dst: str | Path) -> Path:
 
 
 def list_artifacts(run_id: str, path: str) -> list[str]:
-    """Paths of the artifacts directly under `path` of a run."""
-    return [f.path for f in configure().list_artifacts(run_id, path)]
+    """Paths of the artifacts directly under `path` of a run. Listed in the run's own artifact store: MLflow's
+    listing by run id also searches the run's logged models, a query per call."""
+    return [f.path for f in _artifact_repository(run_id).list_artifacts(path)]
 
 
 def local_artifact_dir(run_id: str) -> Path | None:
     """The run's artifact folder when the artifact store is a local filesystem, else None."""
-    repo = get_artifact_repository(get_run(run_id).info.artifact_uri)
+    repo = _artifact_repository(run_id)
     return Path(repo.artifact_dir) if isinstance(repo, LocalArtifactRepository) else None
+
+
+def _artifact_repository(run_id: str) -> Any:
+    configure()  # an mlflow-artifacts: URI is resolved against the tracking URI set here
+    return get_artifact_repository(_artifact_uri(tracking_uri(), run_id))
+
+
+@functools.lru_cache(maxsize=1024)
+def _artifact_uri(store: str, run_id: str) -> str:
+    """The artifact URI of a run of `store`: set when the run is created and never changed, so read once."""
+    return get_run(run_id).info.artifact_uri
 
 
 def artifact_path(run_id: str, path: str) -> Path:

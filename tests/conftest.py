@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import glob
 import os
 import pwd
@@ -17,14 +18,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "experiments" / "digits.yaml"
 # A teacher small enough to train in a second or two: the MLP on digits.
 TINY_TEACHER = ("model.name=mlp", "model.hidden=[32]", "optim.epochs=2", "optim.lr=0.05", "train.progress=off")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The process exits next. Python's last collections at exit walk every object torch, mlflow and the tests left
+    (some 400,000): seconds per process, which an xdist worker makes its controller wait for. Frozen, they are
+    skipped; nothing here relies on a finalizer at exit."""
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")
@@ -175,6 +181,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: flo
 def one_thread_everywhere() -> Iterator[None]:
     """Every model here is tiny: on 2 cores a second intra-op thread only adds spin-waits (2-3x slower on a busy CPU).
     Child processes inherit OMP_NUM_THREADS=1, so what a child computes matches what this process computes."""
+    import torch  # here, not at the top: pytest-xdist's controller loads this file and runs no test
+
     saved = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -192,6 +200,8 @@ def mlflow_store_follows_the_environment() -> Iterator[None]:
     MLFLOW_TRACKING_URI at another store (monkeypatched, so put back afterwards) would leave mlflow's default store
     there for the next test's MlflowClient(). After each test mlflow follows the environment again. (Runs after
     monkeypatch's undo: autouse fixtures are set up first, so torn down last.)"""
+    import mlflow
+
     yield
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))  # None: unset, mlflow's own default
 
@@ -199,6 +209,8 @@ def mlflow_store_follows_the_environment() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Tiny convs: extra intra-op threads only add spin-waits, badly so on a shared, busy CPU."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -16,6 +16,7 @@ from conftest import DIGITS, TINY_TEACHER, cli, interrupted_after_epoch, set_arg
 from mlflow.tracking import MlflowClient
 
 from kdtrack import checkpoint, config, tracking
+from kdtrack.errors import RunNotFound
 from kdtrack.stages import cache_logits, train_student, train_teacher
 
 STUDENT = ("student.model.name=mlp", "student.model.hidden=[16]", "student.optim.epochs=2", "train.progress=off")
@@ -285,3 +286,17 @@ def test_a_store_failure_mid_run_is_one_line_and_the_run_ends_failed(store: str,
                                     "locked) — retry once the other process has finished writing to it")
     (run,) = tracking.select_runs("locked")
     assert run.info.status == "FAILED"
+
+
+@pytest.mark.slow  # opens a second tracking store (its tables are created: ~2 s)
+def test_a_run_is_looked_up_in_the_store_of_the_moment(digits_teacher: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch):
+    """Where a run's artifacts are is read once per store and run: another store does not know the run, and says so,
+    rather than being served the first store's artifacts."""
+    assert "checkpoints/best.pt" in tracking.list_artifacts(digits_teacher, "checkpoints")
+    assert (tracking.local_artifact_dir(digits_teacher) / "checkpoints" / "best.pt").is_file()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    with pytest.raises(RunNotFound, match=f"^run {digits_teacher} not found in sqlite:///{tmp_path}"):
+        tracking.list_artifacts(digits_teacher, "checkpoints")
+    with pytest.raises(RunNotFound, match=f"^run {digits_teacher} not found"):
+        tracking.local_artifact_dir(digits_teacher)
