@@ -206,17 +206,6 @@ def mlflow_store_follows_the_environment() -> Iterator[None]:
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))  # None: unset, mlflow's own default
 
 
-@pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny convs: extra intra-op threads only add spin-waits, badly so on a shared, busy CPU."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def digits_teacher(store: str) -> str:
     """Run id of a tiny FINISHED teacher (MLP on digits), shared by the cache and student tests."""

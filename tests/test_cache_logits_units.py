@@ -33,8 +33,6 @@ from kdtrack.errors import CacheError, TeacherError
 from kdtrack.stages import cache_logits
 from kdtrack.teachers import load_teacher
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 EXPERIMENT = "cache-units"
 CPU = torch.device("cpu")
 CHUNK = 128

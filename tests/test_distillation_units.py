@@ -35,8 +35,6 @@ CNN = ("model.name=cnn", "model.channels=2", "optim.epochs=1")
 FT = ("method=ft", "teacher_mode=online", "student.model.name=cnn", "student.model.channels=2",
       "kd.paraphraser_epochs=1", "kd.alpha=0.3")
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
 
 def _cfg(*sets: str) -> config.Config:
     return config.load(DIGITS, [EXPERIMENT, "train.progress=off", *sets])

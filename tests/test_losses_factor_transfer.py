@@ -18,9 +18,6 @@ CPU = torch.device("cpu")
 INPUT = (2, 6, 6)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
 class TinyNet(nn.Module):
     """conv1 (c1, 6, 6) -> conv2 (c2, 3, 3) -> pool (c2,) -> fc (4,) on (2, 6, 6) inputs; fc is not a feature layer."""
 

@@ -18,9 +18,6 @@ from kdtrack.models import ModelSpec, build_model
 INPUT = (3, 8, 8)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
 def huber(a: float, b: float) -> float:
     d = abs(a - b)
     return 0.5 * d * d if d < 1.0 else d - 0.5

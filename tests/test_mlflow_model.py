@@ -70,7 +70,7 @@ def _changed_checkpoint(path: Path, dst: Path) -> Path:
     return dst
 
 
-def test_a_teacher_run_logs_its_best_checkpoint_as_a_model(digits_teacher: str, tmp_path: Path, one_thread: None):
+def test_a_teacher_run_logs_its_best_checkpoint_as_a_model(digits_teacher: str, tmp_path: Path):
     run = tracking.get_run(digits_teacher)
     (logged,) = MlflowClient().search_logged_models(experiment_ids=[run.info.experiment_id],
                                                     filter_string=f"source_run_id = '{digits_teacher}'")
@@ -142,8 +142,7 @@ def registered_student(digits_teacher: str) -> str:
 
 
 @pytest.mark.slow  # a second Python process that imports mlflow and torch
-def test_a_fresh_process_loads_the_student_by_run_and_by_registry_name(registered_student: str, tmp_path: Path,
-                                                                       one_thread: None):
+def test_a_fresh_process_loads_the_student_by_run_and_by_registry_name(registered_student: str, tmp_path: Path):
     (version,) = MlflowClient().search_model_versions(f"name = '{REGISTERED}'")
     assert version.run_id == registered_student
     x = _raw_rows(64)
